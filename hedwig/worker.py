@@ -1,0 +1,104 @@
+"""One worker process: opens the spool, starts the listeners, stops gracefully.
+
+It wires the pieces together and owns the process's life: SIGTERM or SIGINT
+stops accepting, tells idle sessions `421 4.3.2`, lets sessions in the middle
+of a message finish (up to a grace period) and returns 0. Messages found in
+the spool at start and messages accepted since go onto `accepted`, the queue
+that delivery consumes.
+
+Must not: parse SMTP or decide policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.queue import Queue
+
+from .config import Config
+from .listener import Listener, bind
+from .session import SessionContext, Shutdown
+from .smtp.protocol import Limits
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 8.0  # seconds for sessions mid-message once SIGTERM arrived
+
+
+class StartupError(Exception):
+    """The worker cannot start (port taken, spool unusable): one line for the operator."""
+
+
+class Worker:
+    def __init__(self, config: Config, sockets: list[socket.socket] | None = None) -> None:
+        self.config = config
+        server = config.server
+        self.spool = Spool(config.storage.base_path, fsync=config.storage.fsync, disk_reserve=server.disk_reserve)
+        self.accepted: Queue = Queue()
+        self.ctx = SessionContext(
+            server=server,
+            spool=self.spool,
+            accepted=self.accepted,
+            limits=Limits(server.hostname, server.max_message_size, server.max_recipients),
+        )
+        self.pool = Pool(server.max_connections)
+        self._sockets = sockets
+        self.listeners: list[Listener] = []
+        self._stop = Event()
+
+    def start(self) -> None:
+        try:
+            self.spool.open()
+        except OSError as exc:
+            raise StartupError(f"cannot open spool {self.config.storage.base_path}: {exc.strerror or exc}") from exc
+        removed = self.spool.clean_tmp()
+        queued = 0
+        for msg_id in self.spool.scan():
+            self.accepted.put(msg_id)
+            queued += 1
+        log.info("spool %s: %d queued, %d unfinished removed", self.spool.base_path, queued, removed)
+        sockets = self._sockets
+        if sockets is None:
+            sockets = []
+            for lc in self.config.server.listeners:
+                try:
+                    sockets.append(bind(lc))
+                except OSError as exc:
+                    for s in sockets:
+                        s.close()
+                    raise StartupError(f"cannot listen on {lc.addr}: {exc.strerror or exc}") from exc
+        for lc, sock in zip(self.config.server.listeners, sockets):
+            self.listeners.append(Listener(lc, sock, self.ctx, self.pool))
+        for listener in self.listeners:
+            listener.start()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def serve_forever(self) -> int:
+        gevent.signal_handler(signal.SIGTERM, self.request_stop)
+        gevent.signal_handler(signal.SIGINT, self.request_stop)
+        self._stop.wait()
+        self.stop()
+        return 0
+
+    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        log.info("stopping: %d open sessions", len(self.ctx.sessions))
+        self.ctx.stopping = True
+        for listener in self.listeners:
+            listener.stop_accepting()
+        for session in list(self.ctx.sessions):
+            if session.idle:
+                session.greenlet.kill(Shutdown(), block=False)
+        if not self.pool.join(timeout=grace):
+            log.warning("grace period over: closing %d sessions", len(self.pool))
+            self.pool.kill(timeout=1)
+        self.spool.close()
+        log.info("stopped")
+
