@@ -44,6 +44,18 @@ log = logging.getLogger(__name__)
 _session_ids = itertools.count(1)
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_header(when: float) -> str:
+    """RFC 5322 date of `when`, formatted once per second."""
+    global _date_cache
+    second = int(when)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, localtime=True))
+    return _date_cache[1]
+
+
 class Shutdown(Exception):
     """Raised into idle sessions when the worker stops."""
 
@@ -116,16 +128,15 @@ class Session:
     def _read(self) -> bytes | None:
         """The next bytes from the client, or None after a timeout reply was queued."""
         if self.proto.in_data:
-            timeout = max(self._data_deadline - time.monotonic(), 0.001)
+            self.sock.settimeout(max(self._data_deadline - time.monotonic(), 0.001))
         else:
-            timeout = self.ctx.server.cmd_timeout
             if self.ctx.stopping:
                 raise Shutdown()
+            self.sock.settimeout(self.ctx.server.cmd_timeout)
             self.idle = True
         try:
-            with gevent.Timeout(timeout):
-                return self.sock.recv(65536)
-        except gevent.Timeout:
+            return self.sock.recv(65536)
+        except TimeoutError:
             self._write(R.R421_TIMEOUT.to_bytes())
             log.info("session_id=%s client=%s timeout", self.session_id, self.client_ip)
             return None
@@ -243,7 +254,7 @@ class Session:
         helo = env.helo.encode("ascii", "replace").decode("ascii")
         protocol = "UTF8SMTP" if env.smtputf8 else ("ESMTP" if self.proto.extended else "SMTP")
         rcpt = f"\r\n\tfor <{env.recipients[0]}>" if len(env.recipients) == 1 else ""
-        date = email.utils.formatdate(env.received_at, localtime=True)
+        date = _date_header(env.received_at)
         header = (
             f"Received: from {helo} ([{env.client}])\r\n"
             f"\tby {self.ctx.limits.hostname} (Hedwig) with {protocol} id {env.msg_id}{rcpt};\r\n"

@@ -1,0 +1,219 @@
+"""The spool on real temporary directories: group commit, recovery, damage detection.
+
+gevent is used here unpatched (the spool's committer is a greenlet and syncs in
+gevent's threadpool); nothing is monkey-patched in the pytest process.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import gevent
+import pytest
+
+from hedwig import spool as sp
+from hedwig.spool import Envelope, Spool, SpoolError, iter_records, list_segments, new_id
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def envelope(n: int = 0, rcpts: tuple[str, ...] = ("rcpt@example.test",)) -> Envelope:
+    return Envelope(msg_id=new_id(), sender=f"s{n}@example.test", recipients=rcpts,
+                    received_at=1.0, client="127.0.0.1", helo="client.test")
+
+
+def accept(spool: Spool, body: bytes, n: int = 0) -> str:
+    writer = spool.create(envelope(n))
+    writer.write(body)
+    spool.commit(writer)
+    return writer.msg_id
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(str(tmp_path / "spool"))
+    s.open()
+    yield s
+    s.close()
+
+
+def test_ids_are_time_ordered_and_unique():
+    ids = [new_id(1000.0 + i / 1000) for i in range(200)]
+    assert ids == sorted(ids)
+    assert len(set(new_id() for _ in range(10000))) == 10000
+    assert all(sp.is_id(i) for i in ids)
+
+
+def test_accept_and_read_back_exactly(spool):
+    body = b"Subject: x\r\n\r\n.dot\r\n\x00\xff 8-bit\r\n"
+    msg_id = accept(spool, body)
+    env, got = spool.read(msg_id)
+    assert got == body
+    assert env.msg_id == msg_id and env.recipients == ("rcpt@example.test",)
+
+
+def test_permissions(spool, tmp_path):
+    accept(spool, b"x\r\n")
+    base = tmp_path / "spool"
+    for d in (base, base / "log", base / "tmp", base / "quarantine"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for _, _, path in list_segments(str(base / "log")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_concurrent_commits_share_syncs(spool, monkeypatch):
+    syncs = []
+    real = os.fdatasync
+    monkeypatch.setattr(sp.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    ids = gevent.joinall([gevent.spawn(accept, spool, b"m%d\r\n" % i, i) for i in range(200)], raise_error=True)
+    assert len({g.value for g in ids}) == 200
+    assert 1 <= len(syncs) < 200  # group commit: many messages per fdatasync
+    for g in ids:
+        assert spool.read(g.value)[1].startswith(b"m")
+
+
+def test_restart_finds_every_message_without_bodies(tmp_path):
+    base = str(tmp_path / "spool")
+    s = Spool(base)
+    s.open()
+    ids = [accept(s, b"body %d\r\n" % i, i) for i in range(50)]
+    s.close()
+    again = Spool(base)
+    again.open()
+    try:
+        assert again.scan() == sorted(ids)
+        assert again.read(ids[7])[1] == b"body 7\r\n"
+        # a new process appends to a new segment, never to an old one
+        accept(again, b"later\r\n")
+        assert len(list_segments(again.log_dir)) == 2
+    finally:
+        again.close()
+
+
+def test_torn_tail_is_ignored_and_earlier_records_survive(tmp_path):
+    base = str(tmp_path / "spool")
+    s = Spool(base)
+    s.open()
+    ids = [accept(s, b"x" * 100, i) for i in range(5)]
+    s.close()
+    (_, _, path), = list_segments(os.path.join(base, "log"))
+    size = os.path.getsize(path)
+    with open(path, "ab") as f:  # half a record, as a crash mid-append leaves it
+        f.write(sp.pack_header(sp.MESSAGE, new_id(), 10, 1000, 0) + b"partial")
+    again = Spool(base)
+    again.open()
+    try:
+        assert again.scan() == sorted(ids)
+    finally:
+        again.close()
+    assert os.path.getsize(path) > size
+
+
+def test_damaged_body_is_detected(spool):
+    msg_id = accept(spool, b"precious\r\n")
+    loc = spool.index[msg_id]
+    with open(loc.path, "r+b") as f:
+        f.seek(loc.end - 3)
+        f.write(b"X")
+    with pytest.raises(sp.DamagedMessage):
+        spool.read(msg_id)
+
+
+def test_damaged_header_ends_the_scan_of_that_segment(tmp_path):
+    base = str(tmp_path / "spool")
+    s = Spool(base)
+    s.open()
+    ids = [accept(s, b"y" * 10, i) for i in range(3)]
+    loc = s.index[ids[1]]
+    s.close()
+    with open(loc.path, "r+b") as f:
+        f.seek(loc.offset + 10)
+        f.write(b"!")
+    found = [r.msg_id for r in iter_records(loc.path)]
+    assert found == ids[:1]
+
+
+def test_big_message_spills_to_tmp_and_round_trips(spool):
+    body = os.urandom(3 * sp.SPILL_AT + 17)
+    writer = spool.create(envelope())
+    for i in range(0, len(body), 65536):
+        writer.write(body[i:i + 65536])
+    assert writer.spill_fd >= 0 and os.path.exists(writer.spill_path)
+    spool.commit(writer)
+    assert not os.listdir(spool.tmp_dir)
+    assert spool.read(writer.msg_id)[1] == body
+
+
+def test_aborted_message_leaves_nothing(spool):
+    writer = spool.create(envelope())
+    writer.write(b"z" * (2 * sp.SPILL_AT))
+    writer.abort()
+    assert not os.listdir(spool.tmp_dir)
+    assert writer.msg_id not in spool.index
+
+
+def test_clean_tmp_removes_leftovers(spool):
+    with open(os.path.join(spool.tmp_dir, "junk.part"), "wb") as f:
+        f.write(b"torn")
+    assert spool.clean_tmp() == 1
+    assert not os.listdir(spool.tmp_dir)
+
+
+def test_failed_sync_makes_the_spool_unhealthy(spool, monkeypatch):
+    accept(spool, b"fine\r\n")
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sp.os, "fdatasync", broken)
+    with pytest.raises(SpoolError):
+        accept(spool, b"lost?\r\n")
+    assert not spool.healthy
+    monkeypatch.undo()
+    with pytest.raises(SpoolError):  # never retried: refused until restart
+        accept(spool, b"after\r\n")
+
+
+def test_failed_write_is_cut_back_and_later_records_stay_readable(spool, monkeypatch):
+    first = accept(spool, b"first\r\n")
+    real = sp._write_all
+    calls = {"n": 0}
+
+    def flaky(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.write(fd, data[: len(data) // 2])  # half written, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(sp, "_write_all", flaky)
+    with pytest.raises(SpoolError):
+        accept(spool, b"second\r\n")
+    assert spool.healthy
+    third = accept(spool, b"third\r\n")
+    paths = {r.msg_id for _, _, p in list_segments(spool.log_dir) for r in iter_records(p)}
+    assert paths == {first, third}
+
+
+def test_fsync_off_still_durable_against_process_crash(tmp_path):
+    base = str(tmp_path / "spool")
+    s = Spool(base, fsync=False)
+    s.open()
+    msg_id = accept(s, b"no fsync\r\n")
+    s.close()
+    again = Spool(base)
+    again.open()
+    try:
+        assert again.read(msg_id)[1] == b"no fsync\r\n"
+    finally:
+        again.close()
+
+
+def test_disk_reserve(tmp_path):
+    s = Spool(str(tmp_path / "spool"), disk_reserve=1 << 60)
+    s.open()
+    try:
+        assert not s.has_room()
+    finally:
+        s.close()
