@@ -12,6 +12,7 @@ Must not: parse SMTP or decide policy.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import socket
 
@@ -53,6 +54,7 @@ class Worker:
         self._stop = Event()
 
     def start(self) -> None:
+        _raise_fd_limit(self.config.server.max_connections)
         try:
             self.spool.open()
         except OSError as exc:
@@ -102,3 +104,17 @@ class Worker:
         self.spool.close()
         log.info("stopped")
 
+
+
+def _raise_fd_limit(max_connections: int) -> None:
+    """Each session needs a descriptor: lift the soft limit towards the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            new = soft
+        if new < wanted:
+            log.warning("open file limit %d is below max_connections + 256 = %d", new, wanted)

@@ -89,6 +89,8 @@ def _split_path(arg: str, keyword: str, bad: Reply) -> tuple[str, list[str]]:
         if colon < 0:
             raise ProtocolError(bad)
         path = path[colon + 1:]
+        if not path:  # "<@relay:>" is not the null path
+            raise ProtocolError(bad)
     return path, tail.split()
 
 
@@ -116,7 +118,8 @@ def parse_mail(arg: str) -> tuple[str, MailParams]:
     smtputf8 = False
     for key, value in params.items():
         if key == "SIZE":  # RFC 1870
-            if value is None or not value.isdigit() or len(value) > 20:
+            # isascii(): str.isdigit() is also true for "²", which int() refuses.
+            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                 raise ProtocolError(R501_SYNTAX)
             size = int(value)
         elif key == "BODY":  # RFC 6152
@@ -149,4 +152,5 @@ def parse_rcpt(arg: str, smtputf8: bool) -> str:
 
 def domain_of(address: str) -> str:
     """The domain of a mailbox, lower-cased; '' for the null path or <postmaster>."""
-    return address.rpartition("@")[2].lower()
+    _, at, domain = address.rpartition("@")
+    return domain.lower() if at else ""  # rpartition puts an @-less "postmaster" in [2]

@@ -45,6 +45,10 @@ MAX_ERRORS = 20  # client errors before 421, as Postfix's smtpd_hard_error_limit
 # CRLF. Anchored at line starts (re.M) so the scan stays linear in the chunk size.
 _LONG_LINE = re.compile(rb"^[^\r\n]{%d}" % (MAX_TEXT_LINE - 1), re.M)
 
+# A message may break several rules; the refusal must not depend on how the stream
+# was cut into chunks, so the most serious break wins, not the first one seen.
+_DATA_ERROR_RANK = {R.R554_BARE_EOL: 0, R.R554_NUL: 1, R.R552_LINE_TOO_LONG: 2, R.R552_TOO_BIG: 3}
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -240,16 +244,23 @@ class ServerProtocol:
                     # keep a trailing CR: it may pair with the next LF
                     del buf[: len(buf) - 1]
                 return None
+            bare_lf = end == 0 or buf[end - 1] != 13
             line = bytes(buf[: end + 1])
             del buf[: end + 1]
             if self._discarding:
-                self._discarding = False
+                # Inside a refused line: only a real CRLF ends it.
+                self._discarding = bare_lf
                 continue
             if len(line) > MAX_COMMAND_LINE:
                 self._error(R.R500_LINE_TOO_LONG)
+                self._discarding = bare_lf
                 continue
-            if end == 0 or line[-2] != 13:
+            if bare_lf:
+                # RFC 5321 §2.3.8: a bare LF is not a line end. Everything up to
+                # the next CRLF belongs to this bad line and is never executed;
+                # the client hears 500 now rather than waiting in silence.
                 self._error(R.R500_BARE_EOL)
+                self._discarding = True
                 continue
             text = line[:-2]
             if b"\r" in text:
@@ -270,7 +281,8 @@ class ServerProtocol:
             self._error(R.R501_SYNTAX)
             return None
         verb, _, arg = text.partition(" ")
-        handler = self._VERBS.get(verb.upper())
+        # Verbs are ASCII: "ma\u0131l".upper() == "MAIL" must not be read as MAIL.
+        handler = self._VERBS.get(verb.upper()) if verb.isascii() else None
         if handler is None:
             self._error(R.R500_UNKNOWN)
             return None
@@ -449,11 +461,23 @@ class ServerProtocol:
             self.send(error)
         return DataEnd(error)
 
+    def _flag(self, error: Reply) -> None:
+        current = self._data_error
+        if current is None or _DATA_ERROR_RANK[error] < _DATA_ERROR_RANK[current]:
+            self._data_error = error
+
     def _check_partial_line(self, buf: bytearray) -> None:
-        """A line with no CRLF yet: only its length can be judged."""
+        """A line with no CRLF yet: once longer than any legal line, judge it and drop it."""
         if len(buf) > MAX_TEXT_LINE:
-            self._data_error = self._data_error or R.R552_LINE_TOO_LONG
             keep = 1 if buf.endswith(b"\r") else 0
+            # The dropped bytes are never seen again: judge them as _check_lines would.
+            # The buffer holds no CRLF, so every CR or LF in them is bare.
+            dropped = buf[: len(buf) - keep]
+            if b"\r" in dropped or b"\n" in dropped:
+                self._flag(R.R554_BARE_EOL)
+            if b"\0" in dropped:
+                self._flag(R.R554_NUL)
+            self._flag(R.R552_LINE_TOO_LONG)
             del buf[: len(buf) - keep]
             self._mid_line = True
 
@@ -462,11 +486,11 @@ class ServerProtocol:
         crlf = body.count(CRLF)
         if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
             # SMTP smuggling defence: a bare CR or LF is never a line end (RFC 5321 §2.3.8).
-            self._data_error = self._data_error or R.R554_BARE_EOL
+            self._flag(R.R554_BARE_EOL)
         if b"\0" in body:
-            self._data_error = self._data_error or R.R554_NUL
+            self._flag(R.R554_NUL)
         if _LONG_LINE.search(body):
-            self._data_error = self._data_error or R.R552_LINE_TOO_LONG
+            self._flag(R.R552_LINE_TOO_LONG)
         # RFC 5321 §4.5.2: remove the leading dot of every line that has one.
         if not self._mid_line and body.startswith(b"."):
             body = body[1:]
@@ -474,5 +498,5 @@ class ServerProtocol:
             body = body.replace(b"\r\n.", b"\r\n")
         self._size += len(body)
         if self._size > self.limits.max_message_size:
-            self._data_error = self._data_error or R.R552_TOO_BIG
+            self._flag(R.R552_TOO_BIG)
         return b"" if self._data_error else body
