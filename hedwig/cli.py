@@ -7,6 +7,7 @@ and exit 2 — never a traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from docopt import DocoptExit, docopt
@@ -36,6 +37,19 @@ def _config_path(args: dict) -> str:
     return args["--config"] or os.environ.get("HEDWIG_CONFIG") or "conf/hedwig.toml"
 
 
+def _usage_problem(exc: DocoptExit) -> str:
+    """Name what docopt refused, in one line."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    if "unmatched" in first:  # docopt-ng: "... arguments [Option(None, '--bogus', 0, True)]"
+        names = re.findall(r"\(None, '([^']*)'", first)
+        if names:
+            return "unexpected argument " + ", ".join(f'"{n}"' for n in names)
+    if first and not first.lower().startswith("usage:"):
+        return first.rstrip(".")
+    return "invalid arguments"
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"hedwig: {message}" if not message.startswith("config: ") else message, file=sys.stderr)
     return code
@@ -44,8 +58,8 @@ def _fail(message: str, code: int = 2) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = docopt(USAGE, argv=sys.argv[1:] if argv is None else argv, default_help=False)
-    except DocoptExit:
-        return _fail("invalid arguments; see `hedwig --help`")
+    except DocoptExit as exc:
+        return _fail(f"{_usage_problem(exc)}; see `hedwig --help`")
     if args["--help"]:
         print(USAGE, end="")
         return 0

@@ -8,8 +8,8 @@ Must not: do I/O or keep state.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from collections.abc import Sequence
 
 from .smtp.replies import Reply
 
@@ -19,7 +19,9 @@ R554_RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def in_networks(client_ip: str, networks: Sequence[Network]) -> bool:
+@functools.lru_cache(maxsize=4096)
+def in_networks(client_ip: str, networks: tuple[Network, ...]) -> bool:
+    """Is the client in one of `networks`? Cached: clients reconnect a lot."""
     try:
         addr = ipaddress.ip_address(client_ip.split("%", 1)[0])
     except ValueError:

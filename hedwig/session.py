@@ -130,10 +130,13 @@ class Session:
         if self.proto.in_data:
             self.sock.settimeout(max(self._data_deadline - time.monotonic(), 0.001))
         else:
-            if self.ctx.stopping:
+            # Between messages a stopping worker may close the session; inside a
+            # transaction the client gets to finish it (within the grace period).
+            between_messages = not self.proto.in_transaction
+            if self.ctx.stopping and between_messages:
                 raise Shutdown()
             self.sock.settimeout(self.ctx.server.cmd_timeout)
-            self.idle = True
+            self.idle = between_messages
         try:
             return self.sock.recv(65536)
         except TimeoutError:

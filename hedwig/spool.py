@@ -348,13 +348,19 @@ class Spool:
         if not self.healthy or self._committer is None:
             writer.abort()
             raise SpoolError("spool is unhealthy")
-        result: AsyncResult = AsyncResult()
-        self._pending.append((writer, result))
+        entry = (writer, AsyncResult())
+        self._pending.append(entry)
         self._wakeup.set()
         try:
-            result.get()
-        finally:
-            writer.abort()  # frees memory and the spill file either way
+            entry[1].get()
+        except BaseException:
+            # Killed while waiting (shutdown): if the committer has not taken the
+            # message yet, withdraw it; otherwise the committer owns the writer
+            # until its batch is done and cleans up after it.
+            if entry in self._pending:
+                self._pending.remove(entry)
+                writer.abort()
+            raise
 
     def _run_committer(self) -> None:
         while True:
@@ -381,6 +387,8 @@ class Spool:
                 continue
             finally:
                 self._busy = False
+                for writer, _ in batch:
+                    writer.abort()  # frees memory and the spill file; the record is in the log
             for (writer, result), loc in zip(batch, locations):
                 self.index[writer.msg_id] = loc
                 result.set(None)
