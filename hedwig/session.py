@@ -148,7 +148,11 @@ class Session:
 
     def _write(self, data: bytes) -> None:
         if data:
-            self.sock.sendall(data)
+            # Replies are small: one send() nearly always takes them whole, and
+            # skips sendall's chunking machinery on the hot path.
+            sent = self.sock.send(data)
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
 
     # -- events ----------------------------------------------------------------------
 
