@@ -31,6 +31,9 @@ def bind(listener: ListenerConfig, backlog: int = 1024) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    # Replies go out as soon as they are written (no Nagle delay); Linux copies
+    # this option to every accepted socket, which saves a syscall per connection.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((listener.host, listener.port))
     sock.listen(backlog)
     return sock
@@ -60,7 +63,6 @@ class Listener:
         return self.pool.spawn(func, handle, close, args)
 
     def _handle(self, client: socket.socket, address: tuple) -> None:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         Session(client, address, self.ctx, self.config).run()
 
     def start(self) -> None:

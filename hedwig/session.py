@@ -111,12 +111,12 @@ class Session:
                     self._handle(event)
                 self._write(self.proto.data_to_send())
         except Shutdown:
-            self._write(R.R421_SHUTTING_DOWN.to_bytes())
+            self._last_words(R.R421_SHUTTING_DOWN)
         except OSError as exc:
             log.debug("session_id=%s client=%s connection error: %s", self.session_id, self.client_ip, exc)
         except Exception:  # noqa: BLE001 - one broken session must not take the worker down
             log.exception("session_id=%s client=%s session failed", self.session_id, self.client_ip)
-            self._write(R.R451_LOCAL_ERROR.to_bytes())
+            self._last_words(R.R451_LOCAL_ERROR)
         finally:
             self._abort_data()
             self.ctx.sessions.discard(self)
@@ -145,6 +145,12 @@ class Session:
             return None
         finally:
             self.idle = False
+
+    def _last_words(self, reply: Reply) -> None:
+        try:
+            self._write(self.proto.data_to_send() + reply.to_bytes())
+        except OSError:
+            pass
 
     def _write(self, data: bytes) -> None:
         if data:

@@ -6,7 +6,6 @@ Layout under `base_path` (directories 0700, files 0600):
                              only to its newest segment and never touches the others
     tmp/<id>.part            a big message being received (spilled from memory);
                              leftovers at start are junk and removed
-    quarantine/              damaged records, copied out for a human
 
 A segment is a sequence of records. Each record is a fixed header followed by
 a payload of `meta` (JSON) and `body` bytes:
@@ -271,7 +270,6 @@ class Spool:
         self.writer = writer
         self.log_dir = os.path.join(base_path, "log")
         self.tmp_dir = os.path.join(base_path, "tmp")
-        self.quarantine_dir = os.path.join(base_path, "quarantine")
         self.healthy = True
         self.index: dict[str, Location] = {}  # every queued message of this spool
         self._room_checked = 0.0
@@ -292,7 +290,7 @@ class Spool:
 
         Raises OSError. Reads record headers only, never message bodies.
         """
-        for path in (self.base_path, self.log_dir, self.tmp_dir, self.quarantine_dir):
+        for path in (self.base_path, self.log_dir, self.tmp_dir):
             os.makedirs(path, mode=DIR_MODE, exist_ok=True)
         os.chmod(self.base_path, DIR_MODE)
         for writer, seq, path in list_segments(self.log_dir):

@@ -54,7 +54,15 @@ class Worker:
         self._stop = Event()
 
     def start(self) -> None:
-        _raise_fd_limit(self.config.server.max_connections)
+        server = self.config.server
+        for i, lc in enumerate(server.listeners):
+            # Serving plaintext where the operator asked for TLS would be worse than not starting.
+            if lc.tls is not None:
+                raise StartupError(f"server.listeners[{i}].tls: TLS listeners are not supported by this version yet")
+        if server.workers > 1:
+            log.warning("workers = %d: pre-forked workers are not supported by this version yet; "
+                        "running one process", server.workers)
+        _raise_fd_limit(server.max_connections)
         try:
             self.spool.open()
         except OSError as exc:

@@ -56,7 +56,7 @@ def test_accept_and_read_back_exactly(spool):
 def test_permissions(spool, tmp_path):
     accept(spool, b"x\r\n")
     base = tmp_path / "spool"
-    for d in (base, base / "log", base / "tmp", base / "quarantine"):
+    for d in (base, base / "log", base / "tmp"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
     for _, _, path in list_segments(str(base / "log")):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
