@@ -204,6 +204,15 @@ def list_segments(log_dir: str) -> list[tuple[str, int, str]]:
     return out
 
 
+def _apply_state(entry: QueueEntry, state: dict) -> None:
+    entry.attempts = int(state.get("attempts", 0))
+    entry.due = float(state.get("due", 0.0))
+    pending = state.get("pending")
+    entry.pending = tuple(pending) if pending is not None else None
+    entry.bounced = tuple(tuple(b) for b in state.get("bounced", ()))  # type: ignore[misc]
+    entry.last_error = str(state.get("error", ""))
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -262,6 +271,76 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+@dataclass(slots=True)
+class QueueEntry:
+    """A queued message and its delivery state (the state lives in the segment's journal)."""
+
+    msg_id: str
+    loc: Location
+    attempts: int = 0
+    due: float = 0.0  # epoch seconds of the next attempt; 0 = now
+    pending: tuple[str, ...] | None = None  # recipients still to deliver; None = all of them
+    bounced: tuple[tuple[str, int, str], ...] = ()  # (recipient, code, text) refused so far
+    last_error: str = ""
+
+    def state_line(self) -> bytes:
+        state = {"attempts": self.attempts, "due": self.due, "pending": self.pending,
+                 "bounced": self.bounced, "error": self.last_error}
+        return _journal_line({"id": self.msg_id, "s": state})
+
+
+DONE_OUTCOMES = ("delivered", "bounced", "dropped", "expired", "deleted")
+
+
+def _journal_line(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def journal_path(segment_path: str) -> str:
+    return segment_path[: -len(".seg")] + ".state"
+
+
+def load_journal(path: str, *, repair: bool = False) -> tuple[dict[str, dict], dict[str, str]]:
+    """(latest state by id, outcome by id) from a segment's journal.
+
+    A line torn by a crash is ignored; with `repair` it is cut off so that
+    later appends start on a line of their own.
+    """
+    states: dict[str, dict] = {}
+    done: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return states, done
+    end = data.rfind(b"\n") + 1
+    if end != len(data) and repair:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    for line in data[:end].splitlines():
+        try:
+            entry = json.loads(line)
+            msg_id = entry["id"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("journal %s: unreadable line skipped", os.path.basename(path))
+            continue
+        if "done" in entry:
+            done[msg_id] = entry["done"]
+        elif "s" in entry:
+            states[msg_id] = entry["s"]
+    return states, done
+
+
+@dataclass(slots=True)
+class _Job:
+    """One thing for the committer: a message to append, or a journal line to add."""
+
+    result: AsyncResult
+    writer: MessageWriter | None = None
+    journal: str = ""  # journal path for `line`
+    line: bytes = b""
+
+
 class Spool:
     def __init__(self, base_path: str, *, fsync: bool = True, disk_reserve: int = 0, writer: str = "w0") -> None:
         self.base_path = base_path
@@ -270,11 +349,13 @@ class Spool:
         self.writer = writer
         self.log_dir = os.path.join(base_path, "log")
         self.tmp_dir = os.path.join(base_path, "tmp")
+        self.bounced_dir = os.path.join(base_path, "bounced")
         self.healthy = True
-        self.index: dict[str, Location] = {}  # every queued message of this spool
+        self.entries: dict[str, QueueEntry] = {}  # every queued message of this spool
+        self._live: dict[str, int] = {}  # segment path -> queued messages in it
         self._room_checked = 0.0
         self._has_room = True
-        self._pending: list[tuple[MessageWriter, AsyncResult]] = []
+        self._pending: list[_Job] = []
         self._wakeup = Event()
         self._committer: gevent.Greenlet | None = None
         self._busy = False  # a batch is being written and synced
@@ -282,35 +363,53 @@ class Spool:
         self._seg_path = ""
         self._seg_size = 0
         self._seg_seq = 0
+        self._journal_fds: dict[str, int] = {}
+        self._reclaim: list[str] = []  # segments with nothing queued, to delete
 
     # -- setup -----------------------------------------------------------------
 
     def open(self) -> None:
         """Create or check the layout, find every queued message, start the committer.
 
-        Raises OSError. Reads record headers only, never message bodies.
+        Raises OSError. Reads record headers and journals only, never message bodies.
         """
-        for path in (self.base_path, self.log_dir, self.tmp_dir):
+        for path in (self.base_path, self.log_dir, self.tmp_dir, self.bounced_dir):
             os.makedirs(path, mode=DIR_MODE, exist_ok=True)
         os.chmod(self.base_path, DIR_MODE)
         for writer, seq, path in list_segments(self.log_dir):
             if writer == self.writer:
                 self._seg_seq = max(self._seg_seq, seq)
+            states, done = load_journal(journal_path(path), repair=True)
+            live = 0
             for loc in iter_records(path):
-                if loc.kind == MESSAGE:
-                    self.index[loc.msg_id] = loc
+                if loc.kind != MESSAGE or loc.msg_id in done or loc.msg_id in self.entries:
+                    continue
+                entry = QueueEntry(loc.msg_id, loc)
+                state = states.get(loc.msg_id)
+                if state:
+                    _apply_state(entry, state)
+                self.entries[loc.msg_id] = entry
+                live += 1
+            if live:
+                self._live[path] = live
+            else:
+                self._reclaim.append(path)
         self._committer = gevent.spawn(self._run_committer)
+        if self._reclaim:
+            self._wakeup.set()
 
     def close(self) -> None:
-        """Stop the committer once the commits already waiting are durable."""
+        """Stop the committer once the jobs already waiting are durable."""
         if self._committer is not None:
             while self._pending or self._busy:
                 gevent.sleep(0.01)
             self._committer.kill()
             self._committer = None
-        if self._seg_fd >= 0:
-            os.close(self._seg_fd)
-            self._seg_fd = -1
+        for fd in [self._seg_fd, *self._journal_fds.values()]:
+            if fd >= 0:
+                os.close(fd)
+        self._seg_fd = -1
+        self._journal_fds.clear()
 
     def clean_tmp(self) -> int:
         """Remove messages whose receipt never finished (never acknowledged)."""
@@ -325,7 +424,7 @@ class Spool:
 
     def scan(self) -> list[str]:
         """Ids of every queued message, oldest first."""
-        return sorted(self.index)
+        return sorted(self.entries)
 
     # -- accepting -------------------------------------------------------------
 
@@ -346,18 +445,64 @@ class Spool:
         if not self.healthy or self._committer is None:
             writer.abort()
             raise SpoolError("spool is unhealthy")
-        entry = (writer, AsyncResult())
-        self._pending.append(entry)
+        self._submit(_Job(AsyncResult(), writer=writer))
+
+    # -- delivery state ----------------------------------------------------------
+
+    def record_state(self, entry: QueueEntry) -> None:
+        """Durably note attempts, due time, pending recipients. Never touches the body."""
+        self._submit(_Job(AsyncResult(), journal=journal_path(entry.loc.path), line=entry.state_line()))
+
+    def finish(self, entry: QueueEntry, outcome: str) -> None:
+        """The message leaves the queue (delivered, bounced, ...); its segment may be reclaimed."""
+        assert outcome in DONE_OUTCOMES
+        line = _journal_line({"id": entry.msg_id, "done": outcome})
+        self._submit(_Job(AsyncResult(), journal=journal_path(entry.loc.path), line=line))
+        if self.entries.pop(entry.msg_id, None) is None:
+            return
+        path = entry.loc.path
+        self._live[path] -= 1
+        if self._live[path] == 0 and path != self._seg_path:
+            del self._live[path]
+            self._reclaim.append(path)
+            self._wakeup.set()
+
+    def write_bounced(self, entry: QueueEntry, body: bytes, reasons: str) -> str:
+        """Keep a bounced message as readable files: bounced/<hh>/<id>.eml and .reason."""
+        return offload.run(self._write_bounced, entry.msg_id, body, reasons)
+
+    def _write_bounced(self, msg_id: str, body: bytes, reasons: str) -> str:
+        directory = os.path.join(self.bounced_dir, msg_id[-2:].lower())
+        os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
+        for suffix, data in ((".eml", body), (".reason", reasons.encode("utf-8"))):
+            tmp = os.path.join(self.tmp_dir, msg_id + suffix)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+            try:
+                _write_all(fd, data)
+                if self.fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, os.path.join(directory, msg_id + suffix))
+        if self.fsync:
+            _fsync_dir(directory)
+        return os.path.join(directory, msg_id + ".eml")
+
+    # -- the committer -------------------------------------------------------------
+
+    def _submit(self, job: _Job) -> None:
+        self._pending.append(job)
         self._wakeup.set()
         try:
-            entry[1].get()
+            job.result.get()
         except BaseException:
             # Killed while waiting (shutdown): if the committer has not taken the
-            # message yet, withdraw it; otherwise the committer owns the writer
+            # job yet, withdraw it; otherwise the committer owns the writer
             # until its batch is done and cleans up after it.
-            if entry in self._pending:
-                self._pending.remove(entry)
-                writer.abort()
+            if job in self._pending:
+                self._pending.remove(job)
+                if job.writer is not None:
+                    job.writer.abort()
             raise
 
     def _run_committer(self) -> None:
@@ -365,35 +510,42 @@ class Spool:
             self._wakeup.wait()
             self._wakeup.clear()
             batch, self._pending = self._pending, []
-            if not batch:
+            reclaim, self._reclaim = self._reclaim, []
+            if not batch and not reclaim:
                 continue
             self._busy = True
             try:
-                writers = [w for w, _ in batch]
-                if self.fsync or any(w.spill_fd >= 0 for w in writers):
-                    locations = offload.run(self._append_batch, writers)
+                big = any(j.writer is not None and j.writer.spill_fd >= 0 for j in batch)
+                if self.fsync or big or reclaim:
+                    locations = offload.run(self._write_batch, batch, reclaim)
                 else:  # a few small writes to the page cache: cheaper than a thread hop
-                    locations = self._append_batch(writers)
+                    locations = self._write_batch(batch, reclaim)
             except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
                 if isinstance(exc, SyncFailed):
                     log.error("spool sync failed, refusing new mail until restart: %s", exc)
                     self.healthy = False
                 else:
-                    log.error("spool write failed for %d messages: %s", len(batch), exc)
-                for _, result in batch:
-                    result.set_exception(SpoolError(str(exc)))
+                    log.error("spool write failed for %d jobs: %s", len(batch), exc)
+                for job in batch:
+                    job.result.set_exception(SpoolError(str(exc)))
                 continue
             finally:
                 self._busy = False
-                for writer, _ in batch:
-                    writer.abort()  # frees memory and the spill file; the record is in the log
-            for (writer, result), loc in zip(batch, locations):
-                self.index[writer.msg_id] = loc
-                result.set(None)
+                for job in batch:
+                    if job.writer is not None:
+                        job.writer.abort()  # frees memory and the spill file; the record is in the log
+            for job, loc in zip(batch, locations):
+                if job.writer is not None and loc is not None:
+                    self.entries[job.writer.msg_id] = QueueEntry(job.writer.msg_id, loc)
+                    self._live[loc.path] = self._live.get(loc.path, 0) + 1
+                job.result.set(None)
 
     def _new_segment(self) -> None:
         if self._seg_fd >= 0:
             os.close(self._seg_fd)
+            if self._live.get(self._seg_path, 0) == 0:
+                self._live.pop(self._seg_path, None)
+                self._reclaim.append(self._seg_path)
         self._seg_seq += 1
         self._seg_path = os.path.join(self.log_dir, f"{self.writer}-{self._seg_seq:016x}.seg")
         self._seg_fd = os.open(
@@ -403,32 +555,54 @@ class Spool:
         if self.fsync:
             _fsync_dir(self.log_dir)  # the new name must survive a crash too
 
-    def _append_batch(self, writers: list[MessageWriter]) -> list[Location]:
-        """In a native thread: append every record, then one fdatasync for all of them.
+    def _journal_fd(self, path: str) -> int:
+        fd = self._journal_fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+            self._journal_fds[path] = fd
+        return fd
 
-        A failed write is undone (the segment is cut back to where the batch
+    def _write_batch(self, batch: list[_Job], reclaim: list[str]) -> list[Location | None]:
+        """In a native thread: append records and journal lines, then one sync per file.
+
+        A failed append is undone (the segment is cut back to where the batch
         began, so no torn record sits before later ones) and fails this batch
         only; a failed sync raises SyncFailed and the spool stops accepting.
         """
-        if self._seg_fd < 0 or self._seg_size >= SEGMENT_MAX:
-            self._new_segment()
-        start = self._seg_size
-        try:
-            locations = self._write_records(writers)
-        except OSError:
+        writers = [j.writer for j in batch if j.writer is not None]
+        records: list[Location] = []
+        if writers:
+            if self._seg_fd < 0 or self._seg_size >= SEGMENT_MAX:
+                self._new_segment()
+            start = self._seg_size
             try:
-                os.ftruncate(self._seg_fd, start)
-                os.lseek(self._seg_fd, start, os.SEEK_SET)
-            except OSError as exc:
-                raise SyncFailed(f"cannot undo a failed append: {exc}") from exc
-            self._seg_size = start
-            raise
+                records = self._write_records(writers)
+            except OSError:
+                try:
+                    os.ftruncate(self._seg_fd, start)
+                    os.lseek(self._seg_fd, start, os.SEEK_SET)
+                except OSError as exc:
+                    raise SyncFailed(f"cannot undo a failed append: {exc}") from exc
+                self._seg_size = start
+                raise
+        lines: dict[str, list[bytes]] = {}
+        for job in batch:
+            if job.line:
+                lines.setdefault(job.journal, []).append(job.line)
+        for path, chunk in lines.items():
+            _write_all(self._journal_fd(path), b"".join(chunk))
         if self.fsync:
             try:
-                os.fdatasync(self._seg_fd)
+                if writers:
+                    os.fdatasync(self._seg_fd)
+                for path in lines:
+                    os.fdatasync(self._journal_fds[path])
             except OSError as exc:
                 raise SyncFailed(str(exc)) from exc
-        return locations
+        for path in reclaim:
+            self._delete_segment(path)
+        it = iter(records)
+        return [next(it) if j.writer is not None else None for j in batch]
 
     def _write_records(self, writers: list[MessageWriter]) -> list[Location]:
         locations = []
@@ -456,11 +630,23 @@ class Spool:
         self._seg_size = offset
         return locations
 
+    def _delete_segment(self, path: str) -> None:
+        """Nothing in this segment is queued any more: its record and journal go."""
+        journal = journal_path(path)
+        fd = self._journal_fds.pop(journal, None)
+        if fd is not None:
+            os.close(fd)
+        for victim in (path, journal):
+            try:
+                os.unlink(victim)
+            except FileNotFoundError:
+                pass
+
     # -- reading ---------------------------------------------------------------
 
     def read(self, msg_id: str) -> tuple[Envelope, bytes]:
         """Envelope and message bytes, after the checksum. Raises KeyError, DamagedMessage."""
-        meta, body = read_payload(self.index[msg_id])
+        meta, body = read_payload(self.entries[msg_id].loc)
         return Envelope.from_json(meta), body
 
     def read_envelope(self, msg_id: str) -> Envelope:

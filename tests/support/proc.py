@@ -106,6 +106,10 @@ def base_config(port: int, spool: Path) -> dict[str, Any]:
             "hostname": HOSTNAME,
             "disk_reserve": 0,
             "listeners": [{"addr": f"{HOST}:{port}"}],
+            # Receiving tests keep their mail queued: every delivery attempt goes to
+            # a closed loopback port (refused at once) and is retried only after an hour.
+            "retry_initial_delay": "1h",
+            "routes": {"*": f"{HOST}:1"},
         },
         "storage": {"base_path": str(spool), "fsync": True},
     }

@@ -56,7 +56,7 @@ def test_accept_and_read_back_exactly(spool):
 def test_permissions(spool, tmp_path):
     accept(spool, b"x\r\n")
     base = tmp_path / "spool"
-    for d in (base, base / "log", base / "tmp"):
+    for d in (base, base / "log", base / "tmp", base / "bounced"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
     for _, _, path in list_segments(str(base / "log")):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -112,7 +112,7 @@ def test_torn_tail_is_ignored_and_earlier_records_survive(tmp_path):
 
 def test_damaged_body_is_detected(spool):
     msg_id = accept(spool, b"precious\r\n")
-    loc = spool.index[msg_id]
+    loc = spool.entries[msg_id].loc
     with open(loc.path, "r+b") as f:
         f.seek(loc.end - 3)
         f.write(b"X")
@@ -125,7 +125,7 @@ def test_damaged_header_ends_the_scan_of_that_segment(tmp_path):
     s = Spool(base)
     s.open()
     ids = [accept(s, b"y" * 10, i) for i in range(3)]
-    loc = s.index[ids[1]]
+    loc = s.entries[ids[1]].loc
     s.close()
     with open(loc.path, "r+b") as f:
         f.seek(loc.offset + 10)
@@ -150,7 +150,7 @@ def test_aborted_message_leaves_nothing(spool):
     writer.write(b"z" * (2 * sp.SPILL_AT))
     writer.abort()
     assert not os.listdir(spool.tmp_dir)
-    assert writer.msg_id not in spool.index
+    assert writer.msg_id not in spool.entries
 
 
 def test_clean_tmp_removes_leftovers(spool):
@@ -217,3 +217,79 @@ def test_disk_reserve(tmp_path):
         assert not s.has_room()
     finally:
         s.close()
+
+
+# -- delivery state: journal, done marks, reclaiming segments ---------------------------
+
+
+def test_state_survives_restart_without_touching_the_body(tmp_path):
+    base = str(tmp_path / "spool")
+    s = Spool(base)
+    s.open()
+    msg_id = accept(s, b"keep me\r\n")
+    entry = s.entries[msg_id]
+    seg_before = open(entry.loc.path, "rb").read()
+    entry.attempts, entry.due, entry.pending = 2, 12345.0, ("b@x.test",)
+    entry.bounced, entry.last_error = (("c@y.test", 550, "no such user"),), "451 try later"
+    s.record_state(entry)
+    s.close()
+    assert open(entry.loc.path, "rb").read() == seg_before  # the body is never rewritten
+    again = Spool(base)
+    again.open()
+    try:
+        got = again.entries[msg_id]
+        assert (got.attempts, got.due, got.pending, got.last_error) == (2, 12345.0, ("b@x.test",), "451 try later")
+        assert got.bounced == (("c@y.test", 550, "no such user"),)
+        assert again.read(msg_id)[1] == b"keep me\r\n"
+    finally:
+        again.close()
+
+
+def test_finished_messages_are_gone_after_restart_and_segments_reclaimed(tmp_path):
+    base = str(tmp_path / "spool")
+    s = Spool(base)
+    s.open()
+    ids = [accept(s, b"m\r\n", i) for i in range(4)]
+    first_segment = s.entries[ids[0]].loc.path
+    for msg_id in ids[:3]:
+        s.finish(s.entries[msg_id], "delivered")
+    s.close()
+    again = Spool(base)
+    again.open()
+    try:
+        assert again.scan() == [ids[3]]
+        again.finish(again.entries[ids[3]], "bounced")
+        accept(again, b"new\r\n")  # the committer runs: old, empty segments are deleted
+        assert not os.path.exists(first_segment)
+        assert not os.path.exists(sp.journal_path(first_segment))
+    finally:
+        again.close()
+
+
+def test_torn_journal_line_is_cut_and_later_lines_stay_readable(tmp_path):
+    base = str(tmp_path / "spool")
+    s = Spool(base)
+    s.open()
+    a, b = accept(s, b"a\r\n"), accept(s, b"b\r\n")
+    journal = sp.journal_path(s.entries[a].loc.path)
+    s.close()
+    with open(journal, "ab") as f:
+        f.write(b'{"id":"' + a.encode() + b'","do')  # a crash mid-append
+    again = Spool(base)
+    again.open()
+    try:
+        again.finish(again.entries[b], "delivered")
+        again.close()
+        states, done = sp.load_journal(journal)
+        assert done == {b: "delivered"}
+    finally:
+        again.close()
+
+
+def test_bounced_message_kept_as_readable_files(spool):
+    msg_id = accept(spool, b"Subject: lost\r\n\r\nbody\r\n")
+    entry = spool.entries[msg_id]
+    path = spool.write_bounced(entry, spool.read(msg_id)[1], "<x@y.test>: 550 no such user\n")
+    assert open(path, "rb").read() == b"Subject: lost\r\n\r\nbody\r\n"
+    assert open(path[:-4] + ".reason").read() == "<x@y.test>: 550 no such user\n"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
