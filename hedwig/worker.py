@@ -15,6 +15,7 @@ import logging
 import resource
 import signal
 import socket
+import time
 
 import gevent
 from gevent.event import Event
@@ -25,7 +26,11 @@ from .config import Config
 from .listener import Listener, bind
 from .session import SessionContext, Shutdown
 from .smtp.protocol import Limits
+from .delivery import Delivery
+from .resolver import Resolver
+from .scheduler import Scheduler
 from .spool import Spool
+from .transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,18 @@ class Worker:
             limits=Limits(server.hostname, server.max_message_size, server.max_recipients),
         )
         self.pool = Pool(server.max_connections)
+        self.scheduler = Scheduler()
+        smtp = server.smtp
+        self.resolver = Resolver(smtp.nameservers, timeout=min(smtp.connect_timeout, 10.0))
+        self.transport = Transport(
+            helo_hostname=server.helo_hostname,
+            tls="none" if server.outbound_local else smtp.tls,
+            connect_timeout=smtp.connect_timeout,
+            command_timeout=smtp.command_timeout,
+            pool_size=server.pool_size,
+        )
+        self.delivery = Delivery(config, self.spool, self.scheduler, self.resolver, self.transport)
+        self._feeder: gevent.Greenlet | None = None
         self._sockets = sockets
         self.listeners: list[Listener] = []
         self._stop = Event()
@@ -68,11 +85,11 @@ class Worker:
         except OSError as exc:
             raise StartupError(f"cannot open spool {self.config.storage.base_path}: {exc.strerror or exc}") from exc
         removed = self.spool.clean_tmp()
-        queued = 0
-        for msg_id in self.spool.scan():
-            self.accepted.put(msg_id)
-            queued += 1
-        log.info("spool %s: %d queued, %d unfinished removed", self.spool.base_path, queued, removed)
+        queued = self.spool.scan()
+        self.scheduler.add_all(self.spool.entries[msg_id] for msg_id in queued)
+        log.info("spool %s: %d queued, %d unfinished removed", self.spool.base_path, len(queued), removed)
+        self.delivery.start()
+        self._feeder = gevent.spawn(self._feed)
         sockets = self._sockets
         if sockets is None:
             sockets = []
@@ -87,6 +104,13 @@ class Worker:
             self.listeners.append(Listener(lc, sock, self.ctx, self.pool))
         for listener in self.listeners:
             listener.start()
+
+    def _feed(self) -> None:
+        """Newly accepted messages go to the scheduler as soon as they are durable."""
+        for msg_id in self.accepted:
+            entry = self.spool.entries.get(msg_id)
+            if entry is not None:
+                self.scheduler.add(entry)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -106,9 +130,14 @@ class Worker:
         for session in list(self.ctx.sessions):
             if session.idle:
                 session.greenlet.kill(Shutdown(), block=False)
+        deadline = time.monotonic() + grace
         if not self.pool.join(timeout=grace):
             log.warning("grace period over: closing %d sessions", len(self.pool))
             self.pool.kill(timeout=1)
+        if self._feeder is not None:
+            self._feeder.kill()
+        self.delivery.stop(max(deadline - time.monotonic(), 0.5))
+        self.transport.close()
         self.spool.close()
         log.info("stopped")
 

@@ -1,0 +1,178 @@
+"""Delivery greenlets: claim -> route -> send -> record the outcome.
+
+Each of `delivery_concurrency` greenlets takes a due message from the
+scheduler, groups its pending recipients by domain, asks the resolver where
+each domain's mail goes, hands one transaction per domain to the transport,
+and records what happened per recipient:
+
+- every recipient delivered or bounced: the message leaves the queue (bounced
+  ones are first kept as readable files under bounced/);
+- some deferred: attempts, due time, pending recipients and the last error
+  are journalled (the body is never rewritten) and the message waits;
+- deferred after `max_retries` attempts, or older than `deferred_retention`:
+  bounced.
+
+A crash between sending and recording means the message is sent again after
+restart (at-least-once): nothing is marked done before it is.
+
+Must not: speak SMTP itself (transport.py), decide routes (routing.py) or
+parse replies (outcome.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+
+import gevent
+from gevent.pool import Pool
+
+from . import offload
+from .config import Config
+from .outcome import BOUNCED, DEFERRED, DELIVERED, Result
+from .resolver import Resolver
+from .routing import Deliver
+from .scheduler import Scheduler, retry_delay
+from .smtp.address import domain_of
+from .spool import Envelope, QueueEntry, Spool
+from .transport import Transport
+
+log = logging.getLogger(__name__)
+
+READ_IN_THREAD = 1 << 20  # bodies larger than this are read off the hub
+
+
+def group_by_domain(recipients: Sequence[str]) -> dict[str, list[str]]:
+    """One transaction per destination domain (SPEC §5), recipients in envelope order."""
+    groups: dict[str, list[str]] = {}
+    for rcpt in recipients:
+        groups.setdefault(domain_of(rcpt), []).append(rcpt)
+    return groups
+
+
+def bounce_report(env: Envelope, bounced: Sequence[tuple[str, int, str]]) -> str:
+    lines = [
+        "Hedwig could not deliver this message to the recipients below.",
+        f"Message-Id (queue): {env.msg_id}",
+        f"Sender: <{env.sender}>",
+        f"Received: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(env.received_at))}",
+        "",
+    ]
+    lines += [f"<{rcpt}>: {code or ''} {text}".replace("  ", " ") for rcpt, code, text in bounced]
+    return "\n".join(lines) + "\n"
+
+
+class Delivery:
+    def __init__(self, config: Config, spool: Spool, scheduler: Scheduler,
+                 resolver: Resolver, transport: Transport, rng: random.Random | None = None) -> None:
+        self.server = config.server
+        self.cleanup = config.storage.cleanup
+        self.spool = spool
+        self.scheduler = scheduler
+        self.resolver = resolver
+        self.transport = transport
+        self.rng = rng or random.Random()
+        self.pool = Pool(self.server.delivery_concurrency)
+
+    def start(self) -> None:
+        for _ in range(self.server.delivery_concurrency):
+            self.pool.spawn(self._run)
+
+    def stop(self, grace: float) -> None:
+        """No new claims; deliveries in flight get `grace` seconds, then are cut off."""
+        self.scheduler.stop()
+        if not self.pool.join(timeout=grace):
+            log.warning("grace period over: abandoning %d deliveries (they will be retried)",
+                        len(self.scheduler.claimed))
+            self.pool.kill(timeout=1)
+
+    def _run(self) -> None:
+        while True:
+            entry = self.scheduler.take()
+            if entry is None:
+                return
+            try:
+                self.deliver(entry)
+            except gevent.GreenletExit:
+                raise
+            except Exception:  # noqa: BLE001 - one bad message must not stop delivery
+                log.exception("msg_id=%s delivery failed; retrying later", entry.msg_id)
+                entry.due = time.time() + self.server.retry_initial_delay
+                self.scheduler.release(entry, requeue=True)
+
+    # -- one message ---------------------------------------------------------------
+
+    def deliver(self, entry: QueueEntry) -> None:
+        if entry.loc.body_len > READ_IN_THREAD:
+            env, body = offload.run(self.spool.read, entry.msg_id)
+        else:
+            env, body = self.spool.read(entry.msg_id)
+        pending = list(entry.pending if entry.pending is not None else env.recipients)
+        if self.server.disable_outbound:
+            log.info("msg_id=%s dropped (disable_outbound) rcpts=%d", entry.msg_id, len(pending))
+            self._finish(entry, "dropped")
+            return
+        retention = self.cleanup.deferred_retention
+        if entry.attempts and retention is not None and time.time() - env.received_at > retention:
+            results = [Result(r, BOUNCED, 0, "expired: queued longer than deferred_retention")
+                       for r in pending]
+            self._conclude(entry, env, body, results, attempted=False, expired=True)
+            return
+        results: list[Result] = []
+        attempted = False
+        for domain, rcpts in group_by_domain(pending).items():
+            domain_results, tried = self._deliver_domain(entry, env, body, domain, rcpts)
+            results += domain_results
+            attempted = attempted or tried
+        self._conclude(entry, env, body, results, attempted)
+
+    def _deliver_domain(self, entry: QueueEntry, env: Envelope, body: bytes,
+                        domain: str, rcpts: list[str]) -> tuple[list[Result], bool]:
+        started = time.monotonic()
+        plan = self.resolver.plan(domain, self.server.routes, self.server.smtp.port, self.rng)
+        if not isinstance(plan, Deliver):
+            kind = BOUNCED if plan.permanent else DEFERRED
+            log.info("msg_id=%s domain=%s host=- outcome=%s reply=%r latency=%.3f",
+                     entry.msg_id, domain, kind, plan.reason, time.monotonic() - started)
+            return [Result(r, kind, 0, plan.reason) for r in rcpts], not plan.permanent
+        attempt = self.transport.send(plan.targets, env.sender, rcpts, body)
+        for result in attempt.results:
+            log.info("msg_id=%s domain=%s host=%s rcpt=<%s> outcome=%s reply=%r latency=%.3f",
+                     entry.msg_id, domain, attempt.host or "-", result.recipient, result.kind,
+                     f"{result.code} {result.text}".strip(), attempt.latency)
+        return list(attempt.results), True
+
+    def _conclude(self, entry: QueueEntry, env: Envelope, body: bytes, results: list[Result],
+                  attempted: bool, expired: bool = False) -> None:
+        if attempted:
+            entry.attempts += 1
+        bounced = list(entry.bounced)
+        bounced += [(r.recipient, r.code, r.text) for r in results if r.kind == BOUNCED]
+        deferred = [r for r in results if r.kind == DEFERRED]
+        if deferred and entry.attempts >= max(self.server.max_retries, 1):
+            bounced += [(r.recipient, r.code, f"gave up after {entry.attempts} attempts: {r.text}")
+                        for r in deferred]
+            deferred = []
+        if deferred:
+            entry.pending = tuple(r.recipient for r in deferred)
+            entry.bounced = tuple(bounced)
+            entry.last_error = f"{deferred[0].code or ''} {deferred[0].text}".strip()
+            entry.due = time.time() + retry_delay(entry.attempts, self.server.retry_initial_delay,
+                                                   self.server.retry_max_delay, self.rng)
+            self.spool.record_state(entry)
+            self.scheduler.release(entry, requeue=True)
+            return
+        if bounced:
+            path = self.spool.write_bounced(entry, body, bounce_report(env, bounced))
+            log.info("msg_id=%s bounced rcpts=%d kept=%s", entry.msg_id, len(bounced), path)
+            self._finish(entry, "expired" if expired else "bounced")
+        else:
+            delivered = sum(1 for r in results if r.kind == DELIVERED)
+            log.info("msg_id=%s delivered rcpts=%d attempts=%d", entry.msg_id, delivered, entry.attempts)
+            self._finish(entry, "delivered")
+
+    def _finish(self, entry: QueueEntry, outcome: str) -> None:
+        self.spool.finish(entry, outcome)
+        self.scheduler.release(entry, requeue=False)
