@@ -36,7 +36,7 @@ from .resolver import Resolver
 from .routing import Deliver
 from .scheduler import Scheduler, retry_delay
 from .smtp.address import domain_of
-from .spool import Envelope, QueueEntry, Spool
+from .spool import Envelope, QueueEntry, Spool, id_time
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,35 @@ class Delivery:
         self.transport = transport
         self.rng = rng or random.Random()
         self.pool = Pool(self.server.delivery_concurrency)
+        self._cleaner: gevent.Greenlet | None = None
 
     def start(self) -> None:
         for _ in range(self.server.delivery_concurrency):
             self.pool.spawn(self._run)
+        if self.cleanup.bounced_retention is not None or self.cleanup.deferred_retention is not None:
+            self._cleaner = gevent.spawn(self._run_cleanup)
+
+    def _run_cleanup(self) -> None:
+        """[storage.cleanup]: forget old bounces; make old deferred mail due so it expires."""
+        while True:
+            gevent.sleep(self.cleanup.interval)
+            try:
+                now = time.time()
+                if self.cleanup.bounced_retention is not None:
+                    removed = offload.run(self.spool.remove_bounced_older_than,
+                                          now - self.cleanup.bounced_retention)
+                    if removed:
+                        log.info("cleanup: removed %d bounced files", removed)
+                if self.cleanup.deferred_retention is not None:
+                    self.scheduler.expire_older_than(now - self.cleanup.deferred_retention,
+                                                     received_at=lambda e: id_time(e.msg_id))
+            except OSError as exc:
+                log.error("cleanup failed: %s", exc)
 
     def stop(self, grace: float) -> None:
         """No new claims; deliveries in flight get `grace` seconds, then are cut off."""
+        if self._cleaner is not None:
+            self._cleaner.kill()
         self.scheduler.stop()
         if not self.pool.join(timeout=grace):
             log.warning("grace period over: abandoning %d deliveries (they will be retried)",

@@ -140,7 +140,8 @@ class Resolver:
         route = routing.static_route(domain, routes)
         if route is not None:
             return routing.plan_route(route[0], route[1], lazy)
-        return routing.plan(domain, self.mx(domain), lazy, port, rng or self._rng)
+        mx = routing.NoData() if domain.startswith("[") else self.mx(domain)
+        return routing.plan(domain, mx, lazy, port, rng or self._rng)
 
     # --- the cache ------------------------------------------------------------------
 

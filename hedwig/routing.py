@@ -166,6 +166,12 @@ def plan(
     up on access.  A name missing from it counts as a temporary failure: we
     defer rather than bounce on an answer we do not have.
     """
+    if domain.startswith("["):
+        # RFC 5321 §4.1.3: user@[192.0.2.1] names the host itself; no DNS involved.
+        literal = ip_literal(domain)
+        if literal is None:
+            return Fail(True, "bad address literal", STATUS_NO_DOMAIN)
+        return Deliver((Target(literal, port, literal),))
     domain = normalize(domain)
     if isinstance(mx, NxDomain):
         return Fail(True, "domain does not exist", STATUS_NO_DOMAIN)

@@ -140,6 +140,15 @@ def new_id(now: float | None = None) -> str:
     return base64.b32encode(raw)[:26].translate(_TO_CROCKFORD).decode("ascii")
 
 
+_FROM_CROCKFORD = bytes.maketrans(_CROCKFORD.encode("ascii"), b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+
+
+def id_time(msg_id: str) -> float:
+    """When the message was received, read back from its id (epoch seconds)."""
+    raw = base64.b32decode(msg_id.encode("ascii").translate(_FROM_CROCKFORD) + b"======")
+    return int.from_bytes(raw[:6], "big") / 1000
+
+
 def is_id(text: str) -> bool:
     return len(text) == 26 and all(c in _CROCKFORD for c in text)
 
@@ -487,6 +496,21 @@ class Spool:
         if self.fsync:
             _fsync_dir(directory)
         return os.path.join(directory, msg_id + ".eml")
+
+    def remove_bounced_older_than(self, cutoff: float) -> int:
+        """Cleanup: delete kept bounces whose files are older than `cutoff` (epoch seconds)."""
+        removed = 0
+        for sub in os.listdir(self.bounced_dir):
+            directory = os.path.join(self.bounced_dir, sub)
+            for name in os.listdir(directory):
+                path = os.path.join(directory, name)
+                try:
+                    if os.stat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
 
     # -- the committer -------------------------------------------------------------
 

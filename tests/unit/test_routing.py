@@ -303,3 +303,12 @@ def test_plan_route_unresolvable_defers(answer: Answer) -> None:
     result = plan_route("relay.test", 587, {"relay.test": answer})
     assert isinstance(result, Fail) and not result.permanent
     assert "relay.test" in result.reason
+
+
+def test_address_literal_domain_goes_to_that_host() -> None:
+    rng = random.Random(1)
+    got = plan("[127.0.0.9]", NoData(), {}, 2525, rng)
+    assert got == Deliver((Target("127.0.0.9", 2525, "127.0.0.9"),))
+    assert plan("[IPv6:::1]", NoData(), {}, 25, rng) == Deliver((Target("::1", 25, "::1"),))
+    bad = plan("[not-an-ip]", NoData(), {}, 25, rng)
+    assert isinstance(bad, Fail) and bad.permanent
