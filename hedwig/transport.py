@@ -345,7 +345,8 @@ class Transport:
             if not slot:
                 if to_close:
                     continue
-                why = f"no free connection within {self.connect_timeout:g}s (pool_size={self.pool_size})"
+                why = (f"no free connection within {self.connect_timeout:g}s"
+                       f" (pool_size={self.pool_size})")
                 return _Failure(0, why, final=True)
             try:
                 got = self._connect(target, starttls=self.tls != "none")

@@ -70,7 +70,7 @@ def test_classify_error_never_bounces(exc: BaseException) -> None:
 @pytest.mark.parametrize(("text", "expected"), [
     (b"2.0.0 OK", "2.0.0 OK"),
     ("2.0.0 OK", "2.0.0 OK"),
-    (b"5.1.1 no such user\nsee https://example.test", "5.1.1 no such user; see https://example.test"),
+    (b"5.1.1 no such user\nsee https://x.test", "5.1.1 no such user; see https://x.test"),
     (b"  spaced  \r\n\r\nout ", "spaced; out"),
     (b"tab\there", "tab here"),
     (b"nul\x00and del\x7f", "nul and del "),
@@ -97,7 +97,7 @@ def test_one_line_is_bounded() -> None:
      "ConnectionRefusedError: [Errno 111] Connection refused"),
     (smtplib.SMTPServerDisconnected("Connection unexpectedly closed"),
      "SMTPServerDisconnected: Connection unexpectedly closed"),
-    (ValueError("already named: ValueError\nacross lines"), "already named: ValueError; across lines"),
+    (ValueError("named ValueError\nacross lines"), "named ValueError; across lines"),
     (ssl.SSLCertVerificationError(1, "certificate verify failed"),
      "SSLCertVerificationError: certificate verify failed"),
 ])
