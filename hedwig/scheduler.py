@@ -1,8 +1,10 @@
 """When each queued message is due: a ready queue, a timer heap and claims.
 
 The scheduler knows ids, due times and which messages are being delivered
-(claims). It holds a bounded window of messages; the rest of the backlog stays
-in the spool's table and is admitted as room frees, oldest first. Delivery
+(claims). At most `window` messages are ready or being delivered at once; the
+rest of a due backlog waits in arrival order and is admitted as room frees.
+Messages deferred to a later time wait in a timer heap outside the window, so
+a large deferred backlog never starves fresh mail. Delivery
 greenlets call take(), which blocks until a message is due.
 
 Backoff is a pure function (`retry_delay`), tested without sleeping.
@@ -50,10 +52,18 @@ class Scheduler:
     def add(self, entry: QueueEntry) -> None:
         if entry.msg_id in self._known:
             return
-        if len(self._known) >= self.window:
+        if entry.due <= self.clock() and self._busy() >= self.window:
             self._waiting.append(entry)
             return
         self._admit(entry)
+
+    def _busy(self) -> int:
+        """Messages ready or being delivered: what the window bounds.
+
+        Messages waiting for a later attempt sit in the timer heap outside the
+        window, so a long backlog of deferred mail never holds fresh mail back.
+        """
+        return len(self._ready) + len(self.claimed)
 
     def add_all(self, entries: Iterable[QueueEntry]) -> None:
         for entry in entries:
@@ -69,7 +79,7 @@ class Scheduler:
         self._wakeup.set()
 
     def _fill(self) -> None:
-        while self._waiting and len(self._known) < self.window:
+        while self._waiting and self._busy() < self.window:
             self._admit(self._waiting.popleft())
 
     def _release_due(self) -> float | None:

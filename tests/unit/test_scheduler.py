@@ -103,3 +103,12 @@ def test_retry_delay_doubles_with_jitter_and_cap(failed, low, high):
     assert low <= min(delays) and max(delays) <= high
     if low != high:
         assert max(delays) - min(delays) > (high - low) / 4  # jitter is real
+
+
+def test_deferred_backlog_does_not_starve_fresh_mail():
+    clock = Clock()
+    s = Scheduler(window=2, clock=clock)
+    for n in range(10):
+        s.add(entry(n, due=clock.now + 3600))  # a long outage's worth of deferred mail
+    s.add(entry(99))
+    assert s.take(timeout=0).msg_id == entry(99).msg_id
