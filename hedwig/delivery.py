@@ -36,7 +36,7 @@ from .resolver import Resolver
 from .routing import Deliver
 from .scheduler import Scheduler, retry_delay
 from .smtp.address import domain_of
-from .spool import Envelope, QueueEntry, Spool, id_time
+from .spool import DamagedMessage, Envelope, QueueEntry, Spool, id_time
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -119,18 +119,29 @@ class Delivery:
                 self.deliver(entry)
             except gevent.GreenletExit:
                 raise
-            except Exception:  # noqa: BLE001 - one bad message must not stop delivery
+            except Exception as exc:  # noqa: BLE001 - one bad message must not stop delivery
+                # Not a verdict about the mail: back off like a deferral so a
+                # persistent local fault costs one line per attempt, not a loop.
                 log.exception("msg_id=%s delivery failed; retrying later", entry.msg_id)
-                entry.due = time.time() + self.server.retry_initial_delay
+                entry.attempts += 1
+                entry.last_error = f"local error: {exc}"
+                entry.due = time.time() + retry_delay(entry.attempts, self.server.retry_initial_delay,
+                                                       self.server.retry_max_delay, self.rng)
                 self.scheduler.release(entry, requeue=True)
 
     # -- one message ---------------------------------------------------------------
 
     def deliver(self, entry: QueueEntry) -> None:
-        if entry.loc.body_len > READ_IN_THREAD:
-            env, body = offload.run(self.spool.read, entry.msg_id)
-        else:
-            env, body = self.spool.read(entry.msg_id)
+        try:
+            if entry.loc.body_len > READ_IN_THREAD:
+                env, body = offload.run(self.spool.read, entry.msg_id)
+            else:
+                env, body = self.spool.read(entry.msg_id)
+        except DamagedMessage as exc:
+            path = self.spool.quarantine(entry, str(exc))
+            log.error("msg_id=%s damaged (%s): quarantined as %s", entry.msg_id, exc, path)
+            self.scheduler.release(entry, requeue=False)
+            return
         pending = list(entry.pending if entry.pending is not None else env.recipients)
         if self.server.disable_outbound:
             log.info("msg_id=%s dropped (disable_outbound) rcpts=%d", entry.msg_id, len(pending))

@@ -6,6 +6,7 @@ Layout under `base_path` (directories 0700, files 0600):
                              only to its newest segment and never touches the others
     tmp/<id>.part            a big message being received (spilled from memory);
                              leftovers at start are junk and removed
+    quarantine/<id>.rec      a record that failed its checksum, with <id>.reason
 
 A segment is a sequence of records. Each record is a fixed header followed by
 a payload of `meta` (JSON) and `body` bytes:
@@ -298,7 +299,7 @@ class QueueEntry:
         return _journal_line({"id": self.msg_id, "s": state})
 
 
-DONE_OUTCOMES = ("delivered", "bounced", "dropped", "expired", "deleted")
+DONE_OUTCOMES = ("delivered", "bounced", "dropped", "expired", "deleted", "quarantined")
 
 
 def _journal_line(obj: dict) -> bytes:
@@ -359,6 +360,7 @@ class Spool:
         self.log_dir = os.path.join(base_path, "log")
         self.tmp_dir = os.path.join(base_path, "tmp")
         self.bounced_dir = os.path.join(base_path, "bounced")
+        self.quarantine_dir = os.path.join(base_path, "quarantine")
         self.healthy = True
         self.entries: dict[str, QueueEntry] = {}  # every queued message of this spool
         self._live: dict[str, int] = {}  # segment path -> queued messages in it
@@ -382,7 +384,7 @@ class Spool:
 
         Raises OSError. Reads record headers and journals only, never message bodies.
         """
-        for path in (self.base_path, self.log_dir, self.tmp_dir, self.bounced_dir):
+        for path in (self.base_path, self.log_dir, self.tmp_dir, self.bounced_dir, self.quarantine_dir):
             os.makedirs(path, mode=DIR_MODE, exist_ok=True)
         os.chmod(self.base_path, DIR_MODE)
         for writer, seq, path in list_segments(self.log_dir):
@@ -496,6 +498,33 @@ class Spool:
         if self.fsync:
             _fsync_dir(directory)
         return os.path.join(directory, msg_id + ".eml")
+
+    def quarantine(self, entry: QueueEntry, reason: str) -> str:
+        """A record that fails its checksum: copy its bytes out for a human, then drop it.
+
+        It can never be delivered as it is; keeping it in the queue would retry it
+        forever and pin its segment.
+        """
+        path = offload.run(self._write_quarantine, entry.loc, reason)
+        self.finish(entry, "quarantined")
+        return path
+
+    def _write_quarantine(self, loc: Location, reason: str) -> str:
+        with open(loc.path, "rb") as f:
+            f.seek(loc.offset)
+            raw = f.read(loc.end - loc.offset)
+        target = os.path.join(self.quarantine_dir, loc.msg_id + ".rec")
+        for path, data in ((target, raw), (target[:-4] + ".reason", reason.encode("utf-8") + b"\n")):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+            try:
+                _write_all(fd, data)
+                if self.fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        if self.fsync:
+            _fsync_dir(self.quarantine_dir)
+        return target
 
     def remove_bounced_older_than(self, cutoff: float) -> int:
         """Cleanup: delete kept bounces whose files are older than `cutoff` (epoch seconds)."""

@@ -46,11 +46,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Replace(dict):
+    """A table that replaces the base config's table of that name instead of merging into it.
+
+    `{"server": {"routes": Replace({"a.test": "127.0.0.1:2525"})}}` drops the base
+    config's `"*"` route; `Replace()` leaves an empty table.
+    """
+
+
 def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """`extra` over `base`; tables merge recursively, anything else replaces."""
+    """`extra` over `base`; tables merge recursively (unless `Replace`), anything else replaces."""
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+        if isinstance(value, Replace):
+            out[key] = dict(value)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
@@ -268,6 +278,12 @@ class HedwigProcess:
         except FileNotFoundError:
             return ""
 
+    def last_log(self) -> str:
+        """The log of the latest start only (after its `--- start N ---` marker)."""
+        text = self.log_text()
+        marker = f"--- start {self.starts - 1} ---\n"
+        return text[text.rfind(marker) + len(marker):] if marker in text else text
+
     def __enter__(self) -> HedwigProcess:
         if not self.running:
             self.start().wait_ready()
@@ -426,6 +442,49 @@ def spool_modes(spool: Path | str) -> tuple[dict[str, int], dict[str, int]]:
         for f in fnames:
             files[os.path.join(here, f)] = os.stat(os.path.join(here, f)).st_mode & 0o7777
     return dirs, files
+
+
+# -- delivery state, read independently -------------------------------------------
+#
+# Beside each segment, log/<writer>-<seq>.state is its delivery journal (ARCHITECTURE.md):
+# JSON lines, appended, a crash may tear the last one. {"id": ID, "s": {"attempts": N,
+# "due": epoch, "pending": [...] | null, "bounced": [[rcpt, code, text], ...], "error": "..."}}
+# records a deferral (the latest line wins); {"id": ID, "done": OUTCOME} says the message
+# left the queue (delivered, bounced, dropped, expired, deleted). Bounced mail is kept
+# as bounced/<last two id characters, lower-case>/<id>.eml (the message as stored) and
+# <id>.reason (text).
+
+
+def journal_files(spool: Path | str) -> list[Path]:
+    return sorted(Path(spool).glob("log/*.state"))
+
+
+def read_journal(spool: Path | str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """(latest deferral state by id, outcome by id) over every segment's journal."""
+    states: dict[str, dict[str, Any]] = {}
+    done: dict[str, str] = {}
+    for path in journal_files(spool):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # reclaimed meanwhile
+            continue
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
+            entry = json.loads(line)
+            if "done" in entry:
+                done[entry["id"]] = entry["done"]
+            elif "s" in entry:
+                states[entry["id"]] = entry["s"]
+    return states, done
+
+
+def bounced_paths(spool: Path | str, msg_id: str) -> tuple[Path, Path]:
+    """(bounced/<hh>/<id>.eml, bounced/<hh>/<id>.reason) of a bounced message."""
+    directory = Path(spool) / "bounced" / msg_id[-2:].lower()
+    return directory / f"{msg_id}.eml", directory / f"{msg_id}.reason"
+
+
+def bounced_files(spool: Path | str) -> list[Path]:
+    return sorted(p for p in Path(spool).glob("bounced/*/*") if p.is_file())
 
 
 # -- a raw SMTP client ---------------------------------------------------------------
