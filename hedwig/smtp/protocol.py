@@ -17,6 +17,13 @@ become events that the caller must answer with a Reply before the next event
 is produced, so a pipelined batch is answered strictly in order and nothing
 after DATA is read as a command until DATA has been answered.
 
+AUTH (RFC 4954) is sequenced here and exchanged by the caller: `AUTH mech [initial]`
+becomes AuthStart once the rules allow it (after EHLO, outside a transaction, not
+already authenticated, encrypted unless cleartext AUTH is allowed: else 503/538),
+and while the caller's reply is a 334, each next line is an AuthResponse rather
+than a command. The caller runs the SASL exchange (hedwig.smtp.auth), because
+checking a password hash is too slow for whoever owns the event loop.
+
 DATA is framed here: the caller receives un-stuffed DataChunk events and one
 DataEnd. A message that breaks a rule (too big, bare CR/LF, NUL, a line over
 1000 octets) is read to its final dot and then refused once, by the protocol
@@ -32,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from . import auth as A
 from . import replies as R
 from .address import MailParams, ProtocolError, parse_mail, parse_rcpt
 from .replies import Reply, multiline
@@ -116,6 +124,23 @@ class StartTls(Event):
     needs_reply: ClassVar[bool] = True
 
 
+@dataclass(frozen=True, slots=True)
+class AuthStart(Event):
+    """`AUTH mechanism [initial-response]`; answer 334 to go on, 235, or a refusal."""
+
+    needs_reply: ClassVar[bool] = True
+    mechanism: str  # upper-cased
+    initial: str | None = field(default=None, repr=False)  # a credential: never in reprs
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse(Event):
+    """The client's line after a 334 (base64, or "*" to cancel); answered like AuthStart."""
+
+    needs_reply: ClassVar[bool] = True
+    line: str = field(repr=False)
+
+
 # -- the state machine -------------------------------------------------------
 
 
@@ -134,10 +159,17 @@ class ServerProtocol:
         *,
         starttls_offered: bool = False,
         auth_mechanisms: tuple[str, ...] = (),
+        auth_needs_tls: bool = False,
+        encrypted: bool = False,
     ) -> None:
         self.limits = limits
         self.starttls_offered = starttls_offered
+        # Empty: no users, AUTH is 502. With auth_needs_tls, AUTH is neither advertised
+        # nor accepted (538) until the connection is encrypted (RFC 4954 §4, RFC 8314).
         self.auth_mechanisms = auth_mechanisms
+        self.auth_needs_tls = auth_needs_tls
+        self.encrypted = encrypted  # TLS from the first byte, or after STARTTLS
+        self.authenticated = False
         self.helo: str | None = None
         self.extended = False
         self.closed = False
@@ -148,6 +180,7 @@ class ServerProtocol:
         self._awaiting: Event | None = None  # an event whose reply has not come yet
         self._in_data = False
         self._tls_pending = False
+        self._sasl = False  # a 334 was sent: the next line is an AuthResponse
         self._discarding = False  # inside an over-long command line
         # DATA state
         self._mid_line = False  # the buffer does not start at a line start
@@ -163,6 +196,16 @@ class ServerProtocol:
     @property
     def in_transaction(self) -> bool:
         return self._tx.sender is not None
+
+    @property
+    def in_auth(self) -> bool:
+        """An AUTH exchange is under way (a 334 was the last word)."""
+        return self._sasl
+
+    @property
+    def auth_offered(self) -> bool:
+        """AUTH would be advertised and accepted now."""
+        return bool(self.auth_mechanisms) and (self.encrypted or not self.auth_needs_tls)
 
     def greeting(self) -> bytes:
         return Reply(220, "", f"{self.limits.hostname} ESMTP Hedwig").to_bytes()
@@ -202,15 +245,29 @@ class ServerProtocol:
         elif isinstance(event, StartTls):
             if reply.code == 220:
                 self._tls_pending = True
+        elif isinstance(event, (AuthStart, AuthResponse)):
+            self._sasl = reply.code == 334
+            if reply.code == 235:
+                self.authenticated = True
+            elif reply.code in (501, 504):
+                # A malformed exchange is a client error like a bad command; 535 is
+                # the caller's to count (it throttles credential failures itself).
+                self._error(reply)
+                return
         self.send(reply)
 
     def tls_started(self) -> None:
         """The socket is now TLS: forget plaintext that followed STARTTLS, start over."""
+        # RFC 3207 §4.2: discard all knowledge obtained from the client before TLS.
         self._tls_pending = False
         self._buf.clear()
+        self._discarding = False
         self.helo = None
         self.extended = False
         self.starttls_offered = False
+        self.encrypted = True
+        self.authenticated = False
+        self._sasl = False
         self._tx = _Transaction()
 
     def events(self) -> Iterator[Event]:
@@ -227,6 +284,7 @@ class ServerProtocol:
     # -- commands ------------------------------------------------------------
 
     def _error(self, reply: Reply) -> None:
+        self._sasl = False  # a broken line inside an AUTH exchange ends the exchange
         self.send(reply)
         self.errors += 1
         if self.errors >= self.limits.max_errors and not self.closed:
@@ -269,6 +327,9 @@ class ServerProtocol:
             if b"\0" in text:
                 self._error(R.R501_NUL)
                 continue
+            if self._sasl:
+                # Base64 is ASCII; anything else fails to decode in the exchange.
+                return AuthResponse(text.decode("ascii", "replace"))
             event = self._command(text)
             if event is not None:
                 return event
@@ -315,7 +376,7 @@ class ServerProtocol:
         ]
         if self.starttls_offered:
             lines.append("STARTTLS")
-        if self.auth_mechanisms:
+        if self.auth_offered:
             lines.append("AUTH " + " ".join(self.auth_mechanisms))
         self._out.append(multiline(250, lines))
         return event
@@ -398,9 +459,20 @@ class ServerProtocol:
         self._reset_transaction()
         return StartTls()
 
-    def _cmd_auth(self, arg: str) -> None:
-        # SASL exchanges arrive with the AUTH issue; until users exist AUTH is not offered.
-        raise ProtocolError(R.R502_NOT_AVAILABLE)
+    def _cmd_auth(self, arg: str) -> Event:
+        if not self.auth_mechanisms:
+            raise ProtocolError(R.R502_NOT_AVAILABLE)  # no users: no AUTH
+        # RFC 4954 §4: only after EHLO, once per session, never inside a transaction.
+        if self.helo is None or not self.extended:
+            raise ProtocolError(R.R503_NEED_EHLO)
+        if self.authenticated:
+            raise ProtocolError(A.R503_ALREADY_AUTH)
+        if self._tx.sender is not None:
+            raise ProtocolError(R.R503_BAD_SEQUENCE)
+        if not self.auth_offered:
+            raise ProtocolError(A.R538_ENCRYPTION_REQUIRED)
+        mechanism, initial = A.parse_auth(arg)
+        return AuthStart(mechanism, initial)
 
     _VERBS = {
         "EHLO": _cmd_ehlo,

@@ -54,12 +54,15 @@ R214_HELP = Reply(
     "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
 )
 R354_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+R220_TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
 
 R421_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 R421_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 R421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 R421_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 R421_SPOOL_UNHEALTHY = Reply(421, "4.3.0", "Queue unavailable, try again later")
+R421_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+R454_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
 R451_LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 R452_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 R452_DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage")

@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 from hedwig.smtp import replies as R
 from hedwig.smtp.protocol import (
+    AuthResponse,
+    AuthStart,
     DataEnd,
     Event,
     Limits,
@@ -92,9 +94,13 @@ def soup(rng: random.Random) -> bytes:
 
 def random_decider(rng: random.Random) -> Callable[[Event], Reply]:
     """Mostly yes; sometimes no, a temporary failure, or a closing 421."""
+    # AUTH: a 334 to start, then 235 or 535 (never a second 334, so RECOVER's NOOP
+    # is always read as a command again).
     yes = {MailFrom: R.R250_SENDER_OK, RcptTo: R.R250_RCPT_OK,
-           DataEnd: Reply(250, "2.0.0", "OK queued as X"), StartTls: Reply(220, "2.0.0", "Go ahead")}
-    no = [Reply(550, "5.7.1", "No"), R.R451_LOCAL_ERROR, R.R452_DISK_FULL, Reply(454, "4.7.0", "No TLS")]
+           DataEnd: Reply(250, "2.0.0", "OK queued as X"), StartTls: Reply(220, "2.0.0", "Go ahead"),
+           AuthStart: Reply(334, "", ""), AuthResponse: Reply(235, "2.7.0", "OK")}
+    no = [Reply(550, "5.7.1", "No"), R.R451_LOCAL_ERROR, R.R452_DISK_FULL, Reply(454, "4.7.0", "No TLS"),
+          Reply(535, "5.7.8", "No"), Reply(501, "5.5.2", "Cannot decode")]
 
     def decide(event: Event) -> Reply:
         roll = rng.random()
@@ -117,6 +123,10 @@ def pure_decider(event: Event) -> Reply:
         return Reply(250, "2.0.0", "OK queued as X")
     if isinstance(event, StartTls):
         return Reply(454, "4.7.0", "No TLS")
+    if isinstance(event, AuthStart):
+        return Reply(334, "", "") if event.mechanism == "PLAIN" else Reply(504, "5.5.4", "No")
+    if isinstance(event, AuthResponse):
+        return Reply(535, "5.7.8", "No")
     raise AssertionError(event)
 
 

@@ -16,11 +16,14 @@ from typing import Any
 
 import pytest
 
+from hedwig.smtp import auth as A
 from hedwig.smtp import replies as R
 from hedwig.smtp.address import MailParams
 from hedwig.smtp.protocol import (
     MAX_COMMAND_LINE,
     MAX_TEXT_LINE,
+    AuthResponse,
+    AuthStart,
     DataChunk,
     DataEnd,
     DataStart,
@@ -48,9 +51,23 @@ R550_RCPT = Reply(550, "5.1.1", "No such user")
 
 Decider = Callable[[Event], Reply]
 
+# The one credential the default decider takes (PLAIN, "\0alice\0secret" in base64).
+GOOD_PLAIN = "AGFsaWNlAHNlY3JldA=="
+
 
 def decide(event: Event) -> Reply:
-    """MAIL -> 250 2.1.0, RCPT -> 250 2.1.5, the final dot -> 250 queued, STARTTLS -> 220."""
+    """MAIL -> 250 2.1.0, RCPT -> 250 2.1.5, the final dot -> 250 queued, STARTTLS -> 220.
+
+    AUTH: without an initial response 334, then GOOD_PLAIN -> 235, "*" -> 501, else 535.
+    """
+    if isinstance(event, AuthStart):
+        if event.initial is None:
+            return A.R334_EMPTY
+        return A.R235_AUTH_OK if event.initial == GOOD_PLAIN else A.R535_AUTH_FAILED
+    if isinstance(event, AuthResponse):
+        if event.line == "*":
+            return A.R501_AUTH_CANCELLED
+        return A.R235_AUTH_OK if event.line == GOOD_PLAIN else A.R535_AUTH_FAILED
     if isinstance(event, MailFrom):
         return R550_SENDER if event.address.endswith("@" + REFUSED_DOMAIN) else R.R250_SENDER_OK
     if isinstance(event, RcptTo):
@@ -615,9 +632,126 @@ def test_starttls_refused_by_session_goes_on() -> None:
     assert r.codes == [250, 454, 250]
 
 
-def test_auth_is_not_available() -> None:
-    r = drive(EHLO + b"AUTH PLAIN\r\nAUTH\r\n", auth_mechanisms=("PLAIN",))
+# -- AUTH ------------------------------------------------------------------------------
+
+MECHS = ("PLAIN", "LOGIN")
+AUTH_GOOD = f"AUTH PLAIN {GOOD_PLAIN}\r\n".encode()
+EHLO_AUTH_REPLY = EHLO_REPLY.replace(b"250 SMTPUTF8", b"250-SMTPUTF8\r\n250 AUTH PLAIN LOGIN")
+
+
+def test_auth_not_available_without_users() -> None:
+    r = drive(EHLO + b"AUTH PLAIN\r\nAUTH\r\n")
     assert r.replies[1:] == replies(R.R502_NOT_AVAILABLE, R.R502_NOT_AVAILABLE)
+    assert r.events == [Ehlo("client.test", True)]
+
+
+def test_auth_with_initial_response() -> None:
+    r = drive(EHLO + AUTH_GOOD + MAIL, auth_mechanisms=MECHS)
+    assert r.replies == replies(EHLO_AUTH_REPLY, A.R235_AUTH_OK, R.R250_SENDER_OK)
+    assert r.events[1] == AuthStart("PLAIN", GOOD_PLAIN)
+    assert r.proto.authenticated and not r.proto.in_auth
+
+
+def test_auth_in_two_steps() -> None:
+    r = drive(EHLO + b"auth plain\r\n" + GOOD_PLAIN.encode() + CRLF + NOOP, auth_mechanisms=MECHS)
+    assert r.replies[1:] == replies(A.R334_EMPTY, A.R235_AUTH_OK, R.R250_NOOP)
+    assert r.replies[1] == b"334 \r\n"
+    assert r.events[1:] == [AuthStart("PLAIN", None), AuthResponse(GOOD_PLAIN)]
+    assert r.proto.authenticated
+
+
+def test_lines_after_334_are_responses_not_commands() -> None:
+    # A client that pipelines commands behind AUTH must not get them executed as
+    # commands while the exchange waits for its response.
+    r = drive(EHLO + b"AUTH PLAIN\r\n" + MAIL + MAIL, auth_mechanisms=MECHS)
+    assert r.replies[1:] == replies(A.R334_EMPTY, A.R535_AUTH_FAILED, R.R250_SENDER_OK)
+    assert r.events[2] == AuthResponse(MAIL[:-2].decode())
+    assert not r.proto.authenticated and r.proto.errors == 0
+
+
+def test_auth_cancel_is_501_and_an_error() -> None:
+    r = drive(EHLO + b"AUTH PLAIN\r\n*\r\n" + NOOP, auth_mechanisms=MECHS)
+    assert r.replies[1:] == replies(A.R334_EMPTY, A.R501_AUTH_CANCELLED, R.R250_NOOP)
+    assert r.proto.errors == 1 and not r.proto.authenticated
+
+
+def test_wrong_credentials_are_not_protocol_errors() -> None:
+    # 535 is the session's to count and throttle; the protocol's error limit is for syntax.
+    r = drive(EHLO + b"AUTH PLAIN eA==\r\n" * 25 + NOOP, auth_mechanisms=MECHS)
+    assert r.codes == [250] + [535] * 25 + [250]
+    assert r.proto.errors == 0 and not r.proto.closed
+
+
+def test_auth_before_ehlo_or_after_helo_is_503() -> None:
+    r = drive(AUTH_GOOD + HELO + AUTH_GOOD, auth_mechanisms=MECHS)
+    assert r.replies == replies(R.R503_NEED_EHLO, b"250 mx.test\r\n", R.R503_NEED_EHLO)
+    assert not r.proto.authenticated
+
+
+def test_second_auth_is_503() -> None:
+    r = drive(EHLO + AUTH_GOOD + AUTH_GOOD + EHLO + AUTH_GOOD, auth_mechanisms=MECHS)
+    assert r.replies[1:] == replies(A.R235_AUTH_OK, A.R503_ALREADY_AUTH, EHLO_AUTH_REPLY, A.R503_ALREADY_AUTH)
+    assert r.proto.authenticated  # EHLO does not forget it; only STARTTLS does
+
+
+def test_auth_inside_a_transaction_is_503() -> None:
+    r = drive(EHLO + MAIL + AUTH_GOOD + b"RSET\r\n" + AUTH_GOOD, auth_mechanisms=MECHS)
+    assert r.replies[1:] == replies(R.R250_SENDER_OK, R.R503_BAD_SEQUENCE, R.R250_RESET, A.R235_AUTH_OK)
+
+
+@pytest.mark.parametrize("line", [b"AUTH\r\n", b"AUTH PLAIN a b\r\n", "AUTH PLÄIN\r\n".encode()])
+def test_auth_syntax_is_501(line: bytes) -> None:
+    r = drive(EHLO + line + NOOP, auth_mechanisms=MECHS)
+    assert r.replies[1:] == replies(A.R501_AUTH_SYNTAX, R.R250_NOOP)
+    assert r.events == [Ehlo("client.test", True)]
+
+
+def test_auth_needs_tls_is_538_and_not_advertised() -> None:
+    r = drive(EHLO + AUTH_GOOD + MAIL, auth_mechanisms=MECHS, auth_needs_tls=True)
+    assert r.replies == replies(EHLO_REPLY, A.R538_ENCRYPTION_REQUIRED, R.R250_SENDER_OK)
+    assert r.replies[1].startswith(b"538 5.7.11 ")
+    assert not r.proto.auth_offered
+    r = drive(EHLO + AUTH_GOOD, auth_mechanisms=MECHS, auth_needs_tls=True, encrypted=True)
+    assert r.replies == replies(EHLO_AUTH_REPLY, A.R235_AUTH_OK)
+
+
+def test_auth_after_starttls() -> None:
+    r = feed([EHLO + b"STARTTLS\r\n" + AUTH_GOOD], starttls_offered=True, auth_mechanisms=MECHS,
+             auth_needs_tls=True)
+    assert r.replies == replies(EHLO_REPLY.replace(b"250 SMTPUTF8", b"250-SMTPUTF8\r\n250 STARTTLS"), TLS_READY)
+    proto = r.proto  # tls_started() was called by feed(): the pipelined AUTH is gone
+    assert proto.encrypted and proto.helo is None
+    proto.receive_data(AUTH_GOOD + EHLO + AUTH_GOOD)
+    for event in proto.events():
+        if event.needs_reply:
+            proto.reply(event, decide(event))
+    assert split_replies(proto.data_to_send()) == replies(R.R503_NEED_EHLO, EHLO_AUTH_REPLY, A.R235_AUTH_OK)
+    assert proto.authenticated
+
+
+def test_tls_started_forgets_auth() -> None:
+    r = feed([EHLO + AUTH_GOOD + b"STARTTLS\r\n"], starttls_offered=True, auth_mechanisms=MECHS)
+    assert r.codes == [250, 235, 220]
+    assert not r.proto.authenticated
+
+
+def test_broken_line_ends_the_exchange() -> None:
+    for bad, reply in [(b"AGFs\naWNl\r\n", R.R500_BARE_EOL), (b"AG\0Fs\r\n", R.R501_NUL),
+                       (b"A" * 600 + b"\r\n", R.R500_LINE_TOO_LONG)]:
+        r = drive(EHLO + b"AUTH PLAIN\r\n" + bad + NOOP, auth_mechanisms=MECHS)
+        assert r.replies[1:] == replies(A.R334_EMPTY, reply, R.R250_NOOP), bad
+        assert not r.proto.in_auth and not r.proto.authenticated
+
+
+def test_non_ascii_response_reaches_the_exchange() -> None:
+    r = drive(EHLO + b"AUTH PLAIN\r\n\xff\xfe\r\n", auth_mechanisms=MECHS)
+    assert r.codes == [250, 334, 535]
+    assert isinstance(r.events[-1], AuthResponse) and not r.events[-1].line.isascii()
+
+
+def test_auth_events_hide_credentials_in_repr() -> None:
+    assert GOOD_PLAIN not in repr(AuthStart("PLAIN", GOOD_PLAIN))
+    assert GOOD_PLAIN not in repr(AuthResponse(GOOD_PLAIN))
 
 
 @pytest.mark.parametrize("line", [b"FOO\r\n", b"\r\n", b" NOOP\r\n", b"NOOP\tx\r\n", b"MAILFROM:<a@b.example>\r\n"])
@@ -1195,6 +1329,7 @@ NOT_FROM_PROTOCOL = {
     "R250_OK", "R250_SENDER_OK", "R250_RCPT_OK",
     "R421_TOO_MANY_CONNECTIONS", "R421_TIMEOUT", "R421_SHUTTING_DOWN", "R421_SPOOL_UNHEALTHY",
     "R451_LOCAL_ERROR", "R452_DISK_FULL", "R503_BAD_SEQUENCE",
+    "R220_TLS_READY", "R454_TLS_UNAVAILABLE", "R421_AUTH_FAILURES",
 }
 
 TRIGGERS: dict[str, bytes] = {
