@@ -19,12 +19,15 @@ USAGE = """Hedwig, a forward-only SMTP relay.
 Usage:
   hedwig [serve] [--config PATH]
   hedwig check-config [--config PATH]
+  hedwig hash-password
   hedwig -h | --help
   hedwig --version
 
 Commands:
   serve          run the relay in the foreground (the default)
   check-config   validate the configuration and print what was understood
+  hash-password  read a password from standard input (one line; asked twice on a
+                 terminal) and print the scrypt$... hash for [[server.auth]] password
 
 Options:
   --config PATH  configuration file; defaults to $HEDWIG_CONFIG, then conf/hedwig.toml
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if args["--version"]:
         print(f"hedwig {__version__}")
         return 0
+    if args["hash-password"]:
+        return _hash_password()
 
     from .config import ConfigError, describe, load_config
 
@@ -74,9 +79,60 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     if args["check-config"]:
+        problem = _tls_problem(config)
+        if problem:
+            return _fail(problem)
         print(describe(config))
         return 0
     return _serve(config)
+
+
+def _tls_problem(config) -> str | None:  # type: ignore[no-untyped-def]
+    """Load every listener's certificate and key as serve would; the first problem, or None."""
+    from .listener import TlsSetupError, load_tls_context
+
+    for i, listener in enumerate(config.server.listeners):
+        if listener.tls is not None:
+            try:
+                load_tls_context(listener.tls)
+            except TlsSetupError as exc:
+                return f"config: server.listeners[{i}].tls.{exc.key}: {exc}"
+    return None
+
+
+def _read_password() -> str:
+    """One line from stdin; on a terminal, asked twice without echo. Raises ValueError."""
+    if sys.stdin is None:
+        raise ValueError("no standard input to read the password from")
+    if sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass("Password: ")
+        if first and getpass.getpass("Again: ") != first:
+            raise ValueError("the passwords do not match")
+        return first
+    raw = sys.stdin.buffer.readline()
+    # Only the line end is taken off: spaces are part of the password.
+    raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the password is not valid UTF-8") from None
+
+
+def _hash_password() -> int:
+    from .smtp.auth import hash_password
+
+    try:
+        password = _read_password()
+    except ValueError as exc:
+        return _fail(str(exc))
+    except (EOFError, KeyboardInterrupt):
+        return _fail("no password given")
+    if not password:
+        return _fail("empty password; nothing hashed")
+    print(hash_password(password))
+    return 0
 
 
 def _serve(config) -> int:  # type: ignore[no-untyped-def]
@@ -88,5 +144,5 @@ def _serve(config) -> int:  # type: ignore[no-untyped-def]
     try:
         worker.start()
     except StartupError as exc:
-        return _fail(str(exc), 1)
+        return _fail(str(exc), exc.code)
     return worker.serve_forever()

@@ -9,7 +9,8 @@ duplicates, "required when") live in the small builders after the walker.
 Errors are `ConfigError(key, message)`, printed by the CLI as one line:
     config: server.listeners[1].addr: expected HOST:PORT (IPv6 as "[::1]:25"), got "nonsense"
 
-Must not: import gevent or any other hedwig module, touch the network, or keep
+Must not: import gevent or any other hedwig module (except the pure
+hedwig.smtp.auth, which owns the password hash format), touch the network, or keep
 module-level settings -- the Config is passed down explicitly.  Pure apart from
 reading the file and checking that configured key/cert files are readable.
 """
@@ -28,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+from .smtp.auth import is_valid_hash
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Parser = Callable[[Any, str], Any]
@@ -641,6 +644,10 @@ def _server(s: dict[str, Any]) -> ServerConfig:
     auth = tuple(AuthUser(**raw) for raw in s["auth"])
     names: dict[str, int] = {}
     for i, user in enumerate(auth):
+        if user.is_hashed and not is_valid_hash(user.password):
+            # A malformed hash would silently lock the user out; never echo the value.
+            why = "malformed scrypt hash (use the line `hedwig hash-password` prints)"
+            raise ConfigError(f"server.auth[{i}].password", why)
         if user.username in names:
             first = names[user.username]
             why = f"duplicate user {_show(user.username)} (also server.auth[{first}])"

@@ -1,9 +1,20 @@
-"""One client connection: socket <-> ServerProtocol, timeouts, policy, spool.
+"""One client connection: socket <-> ServerProtocol, TLS, AUTH, timeouts, policy, spool.
 
 The session greenlet reads bytes, feeds the protocol, answers its events
 (MAIL and RCPT through policy, DATA into the spool) and writes the replies a
 batch at a time, so a pipelined group costs one write. A 250 for a message is
 written only after Spool.commit() returned, i.e. after the message is durable.
+
+TLS: on an implicit listener the handshake comes before the greeting; on
+STARTTLS the 220 goes out, the socket is wrapped in place and the protocol
+forgets everything (tls_started), including plaintext pipelined after the
+command. Both handshakes are bounded by HANDSHAKE_TIMEOUT (at most cmd_timeout).
+
+AUTH: the session runs the SASL exchange the protocol's AuthStart/AuthResponse
+events drive; steps go through offload.run because an scrypt check costs ~50 ms
+of CPU. Failed credentials wait (policy.AuthThrottle, per client address, on
+this greenlet only) before their 535, and past the limits the session gets 421.
+Credentials, AUTH arguments and SASL lines are never logged.
 
 Must not: parse SMTP itself (that is smtp/protocol.py) or decide relay rules
 (policy.py).
@@ -14,17 +25,23 @@ from __future__ import annotations
 import email.utils
 import itertools
 import logging
+import secrets
 import socket
+import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import gevent
 from gevent.queue import Queue
 
-from . import policy
+from . import offload, policy
 from .config import ListenerConfig, ServerConfig
+from .smtp import auth
 from .smtp import replies as R
 from .smtp.protocol import (
+    AuthResponse,
+    AuthStart,
     DataChunk,
     DataEnd,
     DataStart,
@@ -35,6 +52,7 @@ from .smtp.protocol import (
     RcptTo,
     Reset,
     ServerProtocol,
+    StartTls,
 )
 from .smtp.replies import Reply
 from .spool import Envelope, MessageWriter, Spool, SpoolError, new_id
@@ -42,6 +60,8 @@ from .spool import Envelope, MessageWriter, Spool, SpoolError, new_id
 log = logging.getLogger(__name__)
 
 _session_ids = itertools.count(1)
+
+HANDSHAKE_TIMEOUT = 30.0  # seconds for a TLS handshake (cmd_timeout if shorter)
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -68,8 +88,15 @@ class SessionContext:
     spool: Spool
     accepted: Queue  # ids of newly accepted messages, for the scheduler
     limits: Limits
+    users: Mapping[str, str] = field(default_factory=dict)  # username -> stored password
+    filters: policy.Filters = field(default_factory=policy.Filters)
+    throttle: policy.AuthThrottle = field(default_factory=policy.AuthThrottle)
     sessions: set[Session] = field(default_factory=set)
     stopping: bool = False
+    auth_mechanisms: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.auth_mechanisms = auth.mechanisms_for(self.users) if self.users else ()
 
 
 @dataclass(slots=True)
@@ -83,7 +110,14 @@ class _Transaction:
 
 
 class Session:
-    def __init__(self, sock: socket.socket, address: tuple, ctx: SessionContext, listener: ListenerConfig) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: tuple,
+        ctx: SessionContext,
+        listener: ListenerConfig,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.sock = sock
         self.ctx = ctx
         self.listener = listener
@@ -91,8 +125,21 @@ class Session:
         self.client_ip = str(address[0]) if address else ""
         self.may_relay = policy.in_networks(self.client_ip, ctx.server.relay_networks)
         self.idle = False  # blocked waiting for a command: safe to interrupt
-        self.proto = ServerProtocol(ctx.limits)
+        mode = listener.tls.mode if listener.tls is not None and tls_context is not None else None
+        self.tls_context = tls_context
+        self.implicit_tls = mode == "implicit"
+        self.proto = ServerProtocol(
+            ctx.limits,
+            starttls_offered=mode == "starttls",
+            auth_mechanisms=ctx.auth_mechanisms,
+            auth_needs_tls=not listener.allow_cleartext_auth,
+        )
         self.tx = _Transaction()
+        self.tls: tuple[str, str, int] | None = None  # (version, cipher, bits) once encrypted
+        self.user: str | None = None  # authenticated as
+        self._sasl: auth.SaslExchange | None = None
+        self._auth_failures = 0
+        self._upgrade = False  # STARTTLS answered 220: wrap the socket after writing it
         self._data_deadline = 0.0
 
     # -- the loop ------------------------------------------------------------------
@@ -101,6 +148,8 @@ class Session:
         self.greenlet = gevent.getcurrent()
         self.ctx.sessions.add(self)
         try:
+            if self.implicit_tls and not self._handshake():
+                return
             self._write(self.proto.greeting())
             while not self.proto.closed:
                 data = self._read()
@@ -110,6 +159,11 @@ class Session:
                 for event in self.proto.events():
                     self._handle(event)
                 self._write(self.proto.data_to_send())
+                if self._upgrade:
+                    self._upgrade = False
+                    if not self._handshake():
+                        break
+                    self._tls_started()
         except Shutdown:
             self._last_words(R.R421_SHUTTING_DOWN)
         except OSError as exc:
@@ -120,10 +174,21 @@ class Session:
         finally:
             self._abort_data()
             self.ctx.sessions.discard(self)
+            self._close()
+
+    def _close(self) -> None:
+        if self.tls is not None:
+            # Say close_notify (RFC 8446 §6.1) so clients can tell our close from a
+            # truncation; never wait for theirs (timeout 0: one non-blocking attempt).
             try:
-                self.sock.close()
-            except OSError:
+                self.sock.settimeout(0.0)
+                self.sock.unwrap()  # type: ignore[attr-defined]
+            except (OSError, ValueError):
                 pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def _read(self) -> bytes | None:
         """The next bytes from the client, or None after a timeout reply was queued."""
@@ -145,6 +210,35 @@ class Session:
             return None
         finally:
             self.idle = False
+
+    # -- TLS -----------------------------------------------------------------------
+
+    def _handshake(self) -> bool:
+        """Wrap the socket in TLS, bounded in time; False (logged) if it failed."""
+        assert self.tls_context is not None
+        timeout = min(HANDSHAKE_TIMEOUT, self.ctx.server.cmd_timeout)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock = self.tls_context.wrap_socket(
+                self.sock, server_side=True, do_handshake_on_connect=False)
+            self.sock.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError, resets
+            log.info("session_id=%s client=%s tls handshake failed: %s", self.session_id, self.client_ip, exc)
+            return False
+        cipher = self.sock.cipher()  # type: ignore[attr-defined]
+        version = self.sock.version() or ""  # type: ignore[attr-defined]
+        self.tls = (version, cipher[0] if cipher else "", cipher[2] if cipher else 0)
+        self.proto.encrypted = True
+        log.debug("session_id=%s client=%s tls %s %s", self.session_id, self.client_ip, version, self.tls[1])
+        return True
+
+    def _tls_started(self) -> None:
+        """RFC 3207 §4.2: after STARTTLS the client starts over, with nothing remembered."""
+        self.proto.tls_started()
+        self._abort_data()
+        self.tx = _Transaction()
+        self.user = None
+        self._sasl = None
 
     def _last_words(self, reply: Reply) -> None:
         try:
@@ -177,6 +271,16 @@ class Session:
             else:
                 self._abort_data()
                 self.tx = _Transaction()
+        elif isinstance(event, (AuthStart, AuthResponse)):
+            self._on_auth(event)
+        elif isinstance(event, StartTls):
+            self._abort_data()
+            self.tx = _Transaction()
+            if self.tls_context is None:
+                self.proto.reply(event, R.R454_TLS_UNAVAILABLE)
+            else:
+                self.proto.reply(event, R.R220_TLS_READY)
+                self._upgrade = True
         elif isinstance(event, (Ehlo, Reset)):
             self._abort_data()
             self.tx = _Transaction()
@@ -189,6 +293,11 @@ class Session:
             return R.R421_SHUTTING_DOWN
         if not spool.has_room():
             return R.R452_DISK_FULL
+        refusal = policy.check_sender(event.address, self.ctx.filters)
+        if refusal is not None:
+            log.info("session_id=%s client=%s sender refused by filter: from=<%s>",
+                     self.session_id, self.client_ip, event.address)
+            return refusal
         self.tx = _Transaction(
             sender=event.address,
             smtputf8=event.params.smtputf8,
@@ -197,11 +306,64 @@ class Session:
         return R.R250_SENDER_OK
 
     def _on_rcpt(self, event: RcptTo) -> Reply:
-        refusal = policy.check_relay(self.may_relay, authenticated=False, auth_offered=False)
+        refusal = policy.check_relay(
+            self.may_relay, authenticated=self.user is not None, auth_offered=bool(self.ctx.users))
+        if refusal is None:
+            refusal = policy.check_recipient(event.address, self.ctx.filters)
         if refusal is not None:
+            log.info("session_id=%s client=%s recipient refused: to=<%s> reply=%d",
+                     self.session_id, self.client_ip, event.address, refusal.code)
             return refusal
         self.tx.recipients.append(event.address)
         return R.R250_RCPT_OK
+
+    # -- AUTH ------------------------------------------------------------------------
+
+    def _on_auth(self, event: AuthStart | AuthResponse) -> None:
+        throttle = self.ctx.throttle
+        if isinstance(event, AuthStart):
+            if throttle.blocked(self.client_ip, time.monotonic()):
+                log.warning("session_id=%s client=%s auth refused: too many failures from this address",
+                            self.session_id, self.client_ip)
+                self.proto.reply(event, R.R421_AUTH_FAILURES)
+                return
+            nonce = auth.cram_nonce(secrets.randbits(48), int(time.time()))
+            exchange = auth.SaslExchange(event.mechanism, event.initial, self.ctx.users,
+                                         hostname=self.ctx.limits.hostname, challenge_nonce=nonce)
+            self._sasl = exchange
+            # The step may check an scrypt hash (~50 ms of CPU): never on the hub.
+            step = offload.run(exchange.start)
+        else:
+            exchange = self._sasl
+            if exchange is None or exchange.finished:  # the protocol and we disagree: refuse
+                self.proto.reply(event, R.R503_BAD_SEQUENCE)
+                return
+            step = offload.run(exchange.respond, event.line)
+        if isinstance(step, auth.Challenge):
+            self.proto.reply(event, step.reply)
+            return
+        self._sasl = None
+        # An unknown "mechanism" may be a client's credentials in the wrong place.
+        mechanism = exchange.mechanism if exchange.mechanism in self.ctx.auth_mechanisms else "other"
+        if isinstance(step, auth.Done):
+            self.user = step.username
+            log.info("session_id=%s client=%s auth ok mechanism=%s user=%s",
+                     self.session_id, self.client_ip, mechanism, step.username)
+            self.proto.reply(event, step.reply)
+            return
+        if step.reply.code != 535:  # 501/504: a malformed exchange, not a guess
+            self.proto.reply(event, step.reply)
+            return
+        # A wrong guess. Never log the username: it is often a mistyped password.
+        self._auth_failures += 1
+        delay = throttle.record_failure(self.client_ip, time.monotonic())
+        log.warning("session_id=%s client=%s auth failed mechanism=%s failures=%d",
+                    self.session_id, self.client_ip, mechanism, self._auth_failures)
+        gevent.sleep(delay)  # this session waits; the hub does not
+        self.proto.reply(event, step.reply)
+        if throttle.cut_off(self.client_ip, self._auth_failures, time.monotonic()):
+            log.warning("session_id=%s client=%s too many auth failures: closing", self.session_id, self.client_ip)
+            self.proto.send(R.R421_AUTH_FAILURES)
 
     def _on_data_start(self) -> None:
         tx = self.tx
@@ -266,10 +428,17 @@ class Session:
         # RFC 5321 §4.4: trace information at the top of the message.
         helo = env.helo.encode("ascii", "replace").decode("ascii")
         protocol = "UTF8SMTP" if env.smtputf8 else ("ESMTP" if self.proto.extended else "SMTP")
+        if protocol != "SMTP":
+            # RFC 3848 / RFC 6531: ESMTPS, ESMTPA, ESMTPSA (and UTF8SMTP likewise).
+            protocol += ("S" if self.tls else "") + ("A" if self.user is not None else "")
         rcpt = f"\r\n\tfor <{env.recipients[0]}>" if len(env.recipients) == 1 else ""
         date = _date_header(env.received_at)
+        tls = ""
+        if self.tls is not None:
+            version, cipher, bits = self.tls
+            tls = f"\t(using {version} with cipher {cipher} ({bits} bits))\r\n"
         header = (
-            f"Received: from {helo} ([{env.client}])\r\n"
+            f"Received: from {helo} ([{env.client}])\r\n{tls}"
             f"\tby {self.ctx.limits.hostname} (Hedwig) with {protocol} id {env.msg_id}{rcpt};\r\n"
             f"\t{date}\r\n"
         )

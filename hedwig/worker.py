@@ -15,6 +15,7 @@ import logging
 import resource
 import signal
 import socket
+import ssl
 import time
 
 import gevent
@@ -22,8 +23,9 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.queue import Queue
 
+from . import policy
 from .config import Config
-from .listener import Listener, bind
+from .listener import Listener, TlsSetupError, bind, load_tls_context
 from .session import SessionContext, Shutdown
 from .smtp.protocol import Limits
 from .delivery import Delivery
@@ -38,7 +40,15 @@ SHUTDOWN_GRACE = 8.0  # seconds for sessions mid-message once SIGTERM arrived
 
 
 class StartupError(Exception):
-    """The worker cannot start (port taken, spool unusable): one line for the operator."""
+    """The worker cannot start (port taken, spool unusable): one line for the operator.
+
+    `code` is the exit status: 1 for a failure, 2 for a user error such as a
+    certificate that cannot be loaded (SPEC §1).
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Worker:
@@ -52,6 +62,8 @@ class Worker:
             spool=self.spool,
             accepted=self.accepted,
             limits=Limits(server.hostname, server.max_message_size, server.max_recipients),
+            users={user.username: user.password for user in server.auth},
+            filters=policy.Filters.compile(config.filters),
         )
         self.pool = Pool(server.max_connections)
         self.scheduler = Scheduler()
@@ -72,10 +84,17 @@ class Worker:
 
     def start(self) -> None:
         server = self.config.server
+        # Certificates are loaded once per worker, before anything else: a bad one
+        # stops the start with one line rather than serving without TLS.
+        tls_contexts: list[ssl.SSLContext | None] = []
         for i, lc in enumerate(server.listeners):
-            # Serving plaintext where the operator asked for TLS would be worse than not starting.
-            if lc.tls is not None:
-                raise StartupError(f"server.listeners[{i}].tls: TLS listeners are not supported by this version yet")
+            if lc.tls is None:
+                tls_contexts.append(None)
+                continue
+            try:
+                tls_contexts.append(load_tls_context(lc.tls))
+            except TlsSetupError as exc:
+                raise StartupError(f"config: server.listeners[{i}].tls.{exc.key}: {exc}", code=2) from None
         if server.workers > 1:
             log.warning("workers = %d: pre-forked workers are not supported by this version yet; "
                         "running one process", server.workers)
@@ -100,8 +119,8 @@ class Worker:
                     for s in sockets:
                         s.close()
                     raise StartupError(f"cannot listen on {lc.addr}: {exc.strerror or exc}") from exc
-        for lc, sock in zip(self.config.server.listeners, sockets):
-            self.listeners.append(Listener(lc, sock, self.ctx, self.pool))
+        for lc, sock, tls_context in zip(self.config.server.listeners, sockets, tls_contexts):
+            self.listeners.append(Listener(lc, sock, self.ctx, self.pool, tls_context))
         for listener in self.listeners:
             listener.start()
 
