@@ -16,8 +16,9 @@ sends it and goes on (a refused sender or recipient never ends the session).
   a recipient without a domain (`<postmaster>`) passes deny lists and fails allow
   lists. Refusal: `550 5.7.1`.
 - AUTH throttling: AuthThrottle counts failed AUTH attempts per client address
-  across sessions (a worker's table, fed an explicit clock): each failure waits
-  a little longer before its 535, and past a limit the client is cut off.
+  (IPv4 address or IPv6 /64, see throttle_key) across sessions (a worker's
+  table, fed an explicit clock): each failure waits a little longer before its
+  535, and past a limit the client is cut off.
 
 Must not: do I/O, sleep or read a clock. AuthThrottle is the one piece with state;
 the worker owns it and passes `now` in.
@@ -119,6 +120,23 @@ def check_recipient(address: str, filters: Filters) -> Reply | None:
 
 
 # -- AUTH throttling -------------------------------------------------------------------
+
+def throttle_key(client_ip: str) -> str:
+    """Who a failure is counted against: the IPv4 address, or the IPv6 /64.
+
+    One IPv6 host usually holds a whole /64 and could otherwise rotate through
+    it to start every guess afresh.
+    """
+    try:
+        addr = ipaddress.ip_address(client_ip.split("%", 1)[0])
+    except ValueError:
+        return client_ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
 
 AUTH_DELAY_STEP = 0.25  # seconds more before each 535, per recent failure from the address
 AUTH_DELAY_MAX = 3.0

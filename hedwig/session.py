@@ -124,6 +124,7 @@ class Session:
         self.session_id = f"{next(_session_ids):x}"
         self.client_ip = str(address[0]) if address else ""
         self.may_relay = policy.in_networks(self.client_ip, ctx.server.relay_networks)
+        self.throttle_key = policy.throttle_key(self.client_ip)
         self.idle = False  # blocked waiting for a command: safe to interrupt
         mode = listener.tls.mode if listener.tls is not None and tls_context is not None else None
         self.tls_context = tls_context
@@ -217,14 +218,23 @@ class Session:
         """Wrap the socket in TLS, bounded in time; False (logged) if it failed."""
         assert self.tls_context is not None
         timeout = min(HANDSHAKE_TIMEOUT, self.ctx.server.cmd_timeout)
+        # Nothing is in progress during a handshake: a stopping worker may end it at once
+        # (no 421: there is no channel to say it on).
+        if self.ctx.stopping:
+            return False
+        self.idle = True
         try:
             self.sock.settimeout(timeout)
             self.sock = self.tls_context.wrap_socket(
                 self.sock, server_side=True, do_handshake_on_connect=False)
             self.sock.do_handshake()
+        except Shutdown:
+            return False
         except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError, resets
             log.info("session_id=%s client=%s tls handshake failed: %s", self.session_id, self.client_ip, exc)
             return False
+        finally:
+            self.idle = False
         cipher = self.sock.cipher()  # type: ignore[attr-defined]
         version = self.sock.version() or ""  # type: ignore[attr-defined]
         self.tls = (version, cipher[0] if cipher else "", cipher[2] if cipher else 0)
@@ -322,7 +332,7 @@ class Session:
     def _on_auth(self, event: AuthStart | AuthResponse) -> None:
         throttle = self.ctx.throttle
         if isinstance(event, AuthStart):
-            if throttle.blocked(self.client_ip, time.monotonic()):
+            if throttle.blocked(self.throttle_key, time.monotonic()):
                 log.warning("session_id=%s client=%s auth refused: too many failures from this address",
                             self.session_id, self.client_ip)
                 self.proto.reply(event, R.R421_AUTH_FAILURES)
@@ -356,12 +366,12 @@ class Session:
             return
         # A wrong guess. Never log the username: it is often a mistyped password.
         self._auth_failures += 1
-        delay = throttle.record_failure(self.client_ip, time.monotonic())
+        delay = throttle.record_failure(self.throttle_key, time.monotonic())
         log.warning("session_id=%s client=%s auth failed mechanism=%s failures=%d",
                     self.session_id, self.client_ip, mechanism, self._auth_failures)
         gevent.sleep(delay)  # this session waits; the hub does not
         self.proto.reply(event, step.reply)
-        if throttle.cut_off(self.client_ip, self._auth_failures, time.monotonic()):
+        if throttle.cut_off(self.throttle_key, self._auth_failures, time.monotonic()):
             log.warning("session_id=%s client=%s too many auth failures: closing", self.session_id, self.client_ip)
             self.proto.send(R.R421_AUTH_FAILURES)
 

@@ -16,6 +16,7 @@ import os
 import pty
 import select
 import shutil
+import signal
 import smtplib
 import socket
 import ssl
@@ -258,6 +259,20 @@ def test_implicit_handshake_is_bounded_and_plaintext_gets_nothing(serve, certs) 
     assert "Traceback" not in proc.log_text()
 
 
+def test_sigterm_does_not_wait_for_a_pending_handshake(serve, certs) -> None:
+    proc = serve(extra=[{"tls": tls_table(certs)}])
+    stalled = [socket.create_connection((HOST, proc.extra_ports[0]), timeout=10) for _ in range(3)]
+    try:
+        time.sleep(0.2)  # accepted, handshaking
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - started < 4.0  # not the 8 s grace for sessions mid-message
+    finally:
+        for s in stalled:
+            s.close()
+
+
 def test_starttls_listener(serve, certs) -> None:
     proc = serve(first={"tls": tls_table(certs, "starttls")})
     with smtplib.SMTP(HOST, proc.port, local_hostname="client.test", timeout=10) as c:
@@ -491,6 +506,48 @@ def test_starttls_forgets_auth(serve, certs, users) -> None:
         c.cmd("MAIL FROM:<a@client.test>", 250)
         c.cmd(f"RCPT TO:<{FAR}>", 250)
         c.cmd("QUIT", 221)
+
+
+def test_password_hashing_does_not_block_other_sessions(serve, users) -> None:
+    """Twenty scrypt checks at once (~50 ms of CPU each) while another session pings.
+
+    Checked on the hub they would stall every session for about a second (measured:
+    ~740 ms worst NOOP); in the threadpool the worst NOOP took ~15 ms.
+    """
+    proc = serve({"server": {"auth": users, "relay_networks": ["127.0.0.0/8"]}},
+                 first={"allow_cleartext_auth": True})
+    clients = []
+    for _ in range(20):
+        c = RawClient(proc.port)
+        c.expect(220)
+        ehlo(c)
+        clients.append(c)
+    ping = RawClient(proc.port)
+    ping.expect(220)
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def pinger() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            ping.cmd("NOOP", 250)
+            latencies.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=pinger)
+    thread.start()
+    try:
+        time.sleep(0.1)
+        for c in clients:
+            c.send(f"AUTH PLAIN {plain(*BOB)}\r\n".encode())
+        for c in clients:
+            c.expect(235, timeout=20)
+        time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(10)
+        for c in clients + [ping]:
+            c.close()
+    assert latencies and max(latencies) < 0.3, f"worst NOOP {max(latencies) * 1000:.0f} ms"
 
 
 @pytest.mark.timeout(60)

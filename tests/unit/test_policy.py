@@ -23,6 +23,7 @@ from hedwig.policy import (
     check_sender,
     domain_of,
     in_networks,
+    throttle_key,
 )
 
 NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
@@ -116,6 +117,18 @@ def test_every_filter_must_pass() -> None:
 
 
 # -- AUTH throttle -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ip, key", [
+    ("192.0.2.1", "192.0.2.1"),
+    ("::ffff:192.0.2.1", "192.0.2.1"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::ffff", "2001:db8:1:2::/64"),  # the same /64: the same count
+    ("fe80::1%eth0", "fe80::/64"),
+    ("not an ip", "not an ip"),
+])
+def test_throttle_key(ip: str, key: str) -> None:
+    assert throttle_key(ip) == key
 
 
 def test_delay_grows_per_address_and_is_capped() -> None:
