@@ -105,6 +105,9 @@ def test_sigkill_under_load_loses_nothing_acknowledged(hedwig, seed, fsync):
         thread.start()
     go.wait(10)
     time.sleep(rng.uniform(0.5, 1.0))  # the moment of the crash (deliberately random, seeded)
+    deadline = time.monotonic() + 15  # on a loaded machine, wait for enough load to mean something
+    while len(acked) <= THREADS and time.monotonic() < deadline:
+        time.sleep(0.05)
     server.kill()
     with lock:
         acked = dict(acked)  # what clients had been told before the kill
