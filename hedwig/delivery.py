@@ -32,6 +32,7 @@ from gevent.pool import Pool
 from . import offload
 from .config import Config
 from .outcome import BOUNCED, DEFERRED, DELIVERED, Result
+from .ratelimit import Limiter, Unlimited
 from .resolver import Resolver
 from .routing import Deliver
 from .scheduler import Scheduler, retry_delay
@@ -42,6 +43,7 @@ from .transport import Transport
 log = logging.getLogger(__name__)
 
 READ_IN_THREAD = 1 << 20  # bodies larger than this are read off the hub
+WAITING = "waiting"  # a recipient whose domain has no rate-limit token yet (not an attempt)
 
 
 def group_by_domain(recipients: Sequence[str]) -> dict[str, list[str]]:
@@ -66,7 +68,8 @@ def bounce_report(env: Envelope, bounced: Sequence[tuple[str, int, str]]) -> str
 
 class Delivery:
     def __init__(self, config: Config, spool: Spool, scheduler: Scheduler,
-                 resolver: Resolver, transport: Transport, rng: random.Random | None = None) -> None:
+                 resolver: Resolver, transport: Transport, rng: random.Random | None = None,
+                 limiter: Limiter | None = None) -> None:
         self.server = config.server
         self.cleanup = config.storage.cleanup
         self.spool = spool
@@ -74,6 +77,7 @@ class Delivery:
         self.resolver = resolver
         self.transport = transport
         self.rng = rng or random.Random()
+        self.limiter = limiter or Unlimited()
         self.pool = Pool(self.server.delivery_concurrency)
         self._cleaner: gevent.Greenlet | None = None
 
@@ -132,6 +136,14 @@ class Delivery:
     # -- one message ---------------------------------------------------------------
 
     def deliver(self, entry: QueueEntry) -> None:
+        if entry.domains:
+            # SPEC §7: no token for any of its domains -> set aside until one is
+            # due, without reading the body or counting an attempt.
+            wait = min(self.limiter.wait(d) for d in entry.domains)
+            if wait > 0:
+                entry.due = time.time() + wait
+                self.scheduler.release(entry, requeue=True)
+                return
         try:
             if entry.loc.body_len > READ_IN_THREAD:
                 env, body = offload.run(self.spool.read, entry.msg_id)
@@ -155,7 +167,13 @@ class Delivery:
             return
         results: list[Result] = []
         attempted = False
-        for domain, rcpts in group_by_domain(pending).items():
+        groups = group_by_domain(pending)
+        entry.domains = tuple(groups)
+        for domain, rcpts in groups.items():
+            wait = self.limiter.take(domain)
+            if wait > 0:  # this domain's turn comes later; not an attempt
+                results += [Result(r, WAITING, 0, f"rate limited for {wait:.1f}s") for r in rcpts]
+                continue
             domain_results, tried = self._deliver_domain(entry, env, body, domain, rcpts)
             results += domain_results
             attempted = attempted or tried
@@ -188,13 +206,20 @@ class Delivery:
             bounced += [(r.recipient, r.code, f"gave up after {entry.attempts} attempts: {r.text}")
                         for r in deferred]
             deferred = []
-        if deferred:
-            entry.pending = tuple(r.recipient for r in deferred)
+        waiting = [r for r in results if r.kind == WAITING]
+        if deferred or waiting:
+            changed = len(waiting) < len(results) or len(bounced) > len(entry.bounced)
+            entry.pending = tuple(r.recipient for r in deferred + waiting)
+            entry.domains = tuple(group_by_domain(entry.pending))
             entry.bounced = tuple(bounced)
-            entry.last_error = f"{deferred[0].code or ''} {deferred[0].text}".strip()
-            entry.due = time.time() + retry_delay(entry.attempts, self.server.retry_initial_delay,
-                                                   self.server.retry_max_delay, self.rng)
-            self.spool.record_state(entry)
+            if deferred:
+                entry.last_error = f"{deferred[0].code or ''} {deferred[0].text}".strip()
+                entry.due = time.time() + retry_delay(entry.attempts, self.server.retry_initial_delay,
+                                                       self.server.retry_max_delay, self.rng)
+            else:  # only rate limits hold it: come back when the first token is due
+                entry.due = time.time() + min(self.limiter.wait(domain_of(r.recipient)) for r in waiting)
+            if changed:
+                self.spool.record_state(entry)
             self.scheduler.release(entry, requeue=True)
             return
         if bounced:

@@ -292,6 +292,7 @@ class QueueEntry:
     pending: tuple[str, ...] | None = None  # recipients still to deliver; None = all of them
     bounced: tuple[tuple[str, int, str], ...] = ()  # (recipient, code, text) refused so far
     last_error: str = ""
+    domains: tuple[str, ...] = ()  # destination domains still pending, once known (not journalled)
 
     def state_line(self) -> bytes:
         state = {"attempts": self.attempts, "due": self.due, "pending": self.pending,

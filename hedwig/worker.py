@@ -29,6 +29,7 @@ from .listener import Listener, TlsSetupError, bind, load_tls_context
 from .session import SessionContext, Shutdown
 from .smtp.protocol import Limits
 from .delivery import Delivery
+from .ratelimit import make_limiter
 from .resolver import Resolver
 from .scheduler import Scheduler
 from .spool import Spool
@@ -76,7 +77,8 @@ class Worker:
             command_timeout=smtp.command_timeout,
             pool_size=server.pool_size,
         )
-        self.delivery = Delivery(config, self.spool, self.scheduler, self.resolver, self.transport)
+        self.delivery = Delivery(config, self.spool, self.scheduler, self.resolver, self.transport,
+                                 limiter=make_limiter(server.rate_limits))
         self._feeder: gevent.Greenlet | None = None
         self._sockets = sockets
         self.listeners: list[Listener] = []
