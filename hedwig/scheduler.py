@@ -132,6 +132,61 @@ class Scheduler:
             self._wakeup.set()
         return moved
 
+    def discard(self, msg_id: str) -> QueueEntry | None:
+        """Forget a message that is not being delivered (`hedwig queue delete`).
+
+        Returns the entry, or None if it is claimed (the caller waits for the
+        attempt to end) or unknown.
+        """
+        if msg_id in self.claimed:
+            return None
+        found = self._remove(msg_id)
+        if found is not None:
+            self._known.discard(msg_id)
+            self._fill()
+        return found
+
+    def make_due(self, msg_id: str) -> QueueEntry | None:
+        """A message waiting for a later attempt becomes due now (`hedwig queue retry`).
+
+        Returns the entry moved, or None if it was not waiting (already due,
+        being delivered or unknown).
+        """
+        entry = self._pop_timer(msg_id)
+        return None if entry is None else self._make_ready([entry])[0]
+
+    def make_all_due(self) -> list[QueueEntry]:
+        """Every message waiting for a later attempt becomes due now."""
+        entries = [item[2] for item in self._timers]
+        self._timers = []
+        return self._make_ready(entries)
+
+    def _make_ready(self, entries: list[QueueEntry]) -> list[QueueEntry]:
+        now = self.clock()
+        for entry in entries:
+            entry.due = now
+            self._ready.append(entry)
+        if entries:
+            self._wakeup.set()
+        return entries
+
+    def _remove(self, msg_id: str) -> QueueEntry | None:
+        for queue in (self._ready, self._waiting):
+            for entry in queue:
+                if entry.msg_id == msg_id:
+                    queue.remove(entry)
+                    return entry
+        return self._pop_timer(msg_id)
+
+    def _pop_timer(self, msg_id: str) -> QueueEntry | None:
+        for i, item in enumerate(self._timers):
+            if item[2].msg_id == msg_id:
+                self._timers[i] = self._timers[-1]
+                self._timers.pop()
+                heapq.heapify(self._timers)
+                return item[2]
+        return None
+
     def stop(self) -> None:
         self.stopping = True
         self._wakeup.set()

@@ -12,6 +12,7 @@ Must not: parse SMTP or decide policy.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import socket
@@ -25,6 +26,7 @@ from gevent.queue import Queue
 
 from . import policy
 from .config import Config
+from .control import Control, SpoolLocked, hold_lock
 from .listener import Listener, TlsSetupError, bind, load_tls_context
 from .session import SessionContext, Shutdown
 from .smtp.protocol import Limits
@@ -79,6 +81,8 @@ class Worker:
         )
         self.delivery = Delivery(config, self.spool, self.scheduler, self.resolver, self.transport,
                                  limiter=make_limiter(server.rate_limits))
+        self.control = Control(self.spool, self.scheduler)  # `hedwig queue retry|delete`
+        self._lock_fd = -1
         self._feeder: gevent.Greenlet | None = None
         self._sockets = sockets
         self.listeners: list[Listener] = []
@@ -102,7 +106,12 @@ class Worker:
                         "running one process", server.workers)
         _raise_fd_limit(server.max_connections)
         try:
+            # Held for the life of the process: queue tools see a server runs,
+            # and a second server on this spool is refused.
+            self._lock_fd = hold_lock(self.config.storage.base_path)
             self.spool.open()
+        except SpoolLocked as exc:
+            raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"cannot open spool {self.config.storage.base_path}: {exc.strerror or exc}") from exc
         removed = self.spool.clean_tmp()
@@ -111,6 +120,10 @@ class Worker:
         log.info("spool %s: %d queued, %d unfinished removed", self.spool.base_path, len(queued), removed)
         self.delivery.start()
         self._feeder = gevent.spawn(self._feed)
+        try:
+            self.control.start()
+        except OSError as exc:
+            raise StartupError(f"cannot open spool {self.config.storage.base_path}: {exc.strerror or exc}") from exc
         sockets = self._sockets
         if sockets is None:
             sockets = []
@@ -157,9 +170,13 @@ class Worker:
             self.pool.kill(timeout=1)
         if self._feeder is not None:
             self._feeder.kill()
+        self.control.stop()
         self.delivery.stop(max(deadline - time.monotonic(), 0.5))
         self.transport.close()
         self.spool.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # only now may a queue tool change the journals itself
+            self._lock_fd = -1
         log.info("stopped")
 
 
