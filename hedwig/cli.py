@@ -19,6 +19,11 @@ USAGE = """Hedwig, a forward-only SMTP relay.
 Usage:
   hedwig [serve] [--config PATH]
   hedwig check-config [--config PATH]
+  hedwig queue list [--config PATH] [--state STATE] [--json]
+  hedwig queue show ID [--config PATH]
+  hedwig queue stats [--config PATH] [--json]
+  hedwig queue retry (ID | --all) [--config PATH]
+  hedwig queue delete ID [--config PATH]
   hedwig hash-password
   hedwig -h | --help
   hedwig --version
@@ -28,9 +33,15 @@ Commands:
   check-config   validate the configuration and print what was understood
   hash-password  read a password from standard input (one line; asked twice on a
                  terminal) and print the scrypt$... hash for [[server.auth]] password
+  queue          look into the spool (list, show, stats: read-only, safe while the
+                 server runs) and steer it (retry: due now; delete: never delivered);
+                 ID is the one in the server's "250 ... queued as ID" reply
 
 Options:
   --config PATH  configuration file; defaults to $HEDWIG_CONFIG, then conf/hedwig.toml
+  --state STATE  queue list: only queued, deferred, bounced or quarantined messages
+  --json         queue list, stats: JSON for scripts instead of a table
+  --all          queue retry: every deferred message
   -h --help      show this text
   --version      print the version
 """
@@ -84,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(problem)
         print(describe(config))
         return 0
+    if args["queue"]:
+        from .queuetool import main as queue_main
+
+        return queue_main(config, args)
     return _serve(config)
 
 

@@ -1,4 +1,4 @@
-"""The queue tools' pieces on real temporary spools: the scheduler's hooks, the control protocol.
+"""The queue tools' pieces on real temporary spools: reading, offline changes, the control protocol.
 
 Spools are filled through hedwig.spool itself (gevent unpatched, as in
 test_spool.py). The control protocol is exercised with the server's side
@@ -16,7 +16,8 @@ import time
 import gevent
 import pytest
 
-from hedwig import control
+from hedwig import control, queuetool
+from hedwig.delivery import bounce_report
 from hedwig.scheduler import Scheduler
 from hedwig.spool import Envelope, Location, QueueEntry, Spool, journal_path, load_journal, new_id
 
@@ -48,6 +49,162 @@ def spool(tmp_path):
     s.open()
     yield s
     s.close()
+
+
+def files_of(base: str) -> dict[str, tuple[int, bytes]]:
+    out = {}
+    for here, _dirs, names in os.walk(base):
+        for name in names:
+            path = os.path.join(here, name)
+            with open(path, "rb") as f:
+                out[path] = (os.stat(path).st_mode, f.read())
+    return out
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def test_states_from_segments_journals_and_kept_files(spool):
+    base = spool.base_path
+    queued = accept(spool, ("q1@x.test", "q2@y.test"))
+    deferred = accept(spool, ("d1@x.test", "d2@x.test"))
+    defer(spool, deferred, time.time() + 3600, pending=("d2@x.test",))
+    delivered = accept(spool)
+    spool.finish(spool.entries[delivered], "delivered")
+    bounced = accept(spool, ("b@x.test",))
+    entry = spool.entries[bounced]
+    env, body = spool.read(bounced)
+    spool.write_bounced(entry, body, bounce_report(env, [("b@x.test", 550, "5.1.1 no such user")]))
+    spool.finish(entry, "bounced")
+    damaged = accept(spool)
+    spool.quarantine(spool.entries[damaged], "checksum mismatch")
+
+    got = {m.msg_id: m for m in queuetool.read_queue(base)}
+    assert set(got) == {queued, deferred, bounced, damaged}
+    assert [m.msg_id for m in queuetool.read_queue(base)] == sorted(got)  # oldest first
+
+    q = got[queued]
+    assert (q.state, q.attempts, q.recipients, q.sender, q.last_error) == (
+        "queued", 0, ("q1@x.test", "q2@y.test"), "s@client.test", "")
+    assert q.next_attempt == pytest.approx(q.received, abs=0.01)
+
+    d = got[deferred]
+    assert (d.state, d.attempts, d.recipients, d.last_error) == ("deferred", 1, ("d2@x.test",), "451 4.3.0 try later")
+    assert d.next_attempt > time.time() + 3500
+
+    b = got[bounced]
+    assert (b.state, b.attempts, b.recipients, b.next_attempt) == ("bounced", None, ("b@x.test",), None)
+    assert b.sender == "s@client.test" and "5.1.1 no such user" in b.last_error
+    assert b.size == len(body)
+
+    z = got[damaged]
+    assert z.state == "quarantined" and z.last_error == "checksum mismatch"
+    assert queuetool.count_states(got.values()) == {"queued": 1, "deferred": 1, "bounced": 1, "quarantined": 1}
+
+
+def test_a_bounce_whose_done_line_is_not_written_yet_counts_once_as_bounced(spool):
+    msg_id = accept(spool)
+    entry = spool.entries[msg_id]
+    spool.write_bounced(entry, spool.read(msg_id)[1], "<a@x.test>: 550 no\n")  # the done line comes next
+    [m] = queuetool.read_queue(spool.base_path)
+    assert (m.msg_id, m.state) == (msg_id, "bounced")
+
+
+def test_json_entries_have_the_documented_fields(spool):
+    msg_id = accept(spool)
+    [m] = queuetool.read_queue(spool.base_path)
+    doc = json.loads(json.dumps(m.to_json()))
+    assert {"id", "state", "attempts", "recipients", "next_attempt", "last_error"} <= set(doc)
+    assert doc["id"] == msg_id and doc["state"] == "queued" and doc["attempts"] == 0
+    assert doc["recipients"] == ["a@x.test"] and doc["last_error"] == ""
+    assert time.strptime(doc["next_attempt"], "%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_reading_changes_nothing_and_skips_torn_tails(spool):
+    base = spool.base_path
+    ok = accept(spool)
+    defer(spool, ok, time.time() + 60)
+    seg = spool.entries[ok].loc.path
+    spool.close()
+    with open(seg, "ab") as f:  # a record being appended: header only
+        f.write(b"HWR1" + b"\0" * 20)
+    with open(journal_path(seg), "ab") as f:  # a journal line being written
+        f.write(b'{"id":"' + ok.encode() + b'","done":"deliv')
+    before = files_of(base)
+    [m] = queuetool.read_queue(base)
+    assert (m.msg_id, m.state) == (ok, "deferred")
+    assert queuetool.find(base, ok).state == "deferred"
+    assert files_of(base) == before, "a read-only command changed the spool"
+
+
+def test_a_spool_that_does_not_exist_is_empty_and_is_not_created(tmp_path):
+    base = str(tmp_path / "never")
+    assert queuetool.read_queue(base) == []
+    assert queuetool.count_states([]) == {"queued": 0, "deferred": 0, "bounced": 0, "quarantined": 0}
+    assert not os.path.exists(base)
+
+
+def test_show_prints_envelope_state_and_headers_never_the_body(spool):
+    msg_id = accept(spool, ("a@x.test",), subject="status \x1b[31mreport")
+    defer(spool, msg_id, time.time() + 600)
+    msg = queuetool.find(spool.base_path, msg_id)
+    text = queuetool.format_show(msg, spool.base_path, time.time())
+    assert SECRET.decode() not in text
+    for needle in (msg_id, "deferred", "<s@client.test>", "a@x.test", "451 4.3.0 try later",
+                   "Subject: status \\x1b[31mreport", "From: s@client.test", "attempts:", "size:"):
+        assert needle in text, (needle, text)
+    assert "\x1b" not in text  # control characters from the client are escaped
+
+
+def test_header_section_stops_at_the_empty_line_and_is_capped():
+    assert queuetool.header_section(b"A: 1\r\nB: 2\r\n\r\nbody\r\n") == (b"A: 1\r\nB: 2\r\n", 0)
+    huge = b"X: " + b"y" * (queuetool.HEADERS_SHOWN + 10) + b"\r\n\r\nbody"
+    head, more = queuetool.header_section(huge)
+    assert len(head) == queuetool.HEADERS_SHOWN and more == 15
+
+
+def test_table_has_one_row_per_message(spool):
+    ids = [accept(spool) for _ in range(3)]
+    text = queuetool.format_table(queuetool.read_queue(spool.base_path), time.time())
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["ID", "STATE", "TRIES"]
+    assert [ln.split()[0] for ln in lines[1:]] == ids
+
+
+# -- changing without a server --------------------------------------------------------------------
+
+
+def test_offline_delete_and_retry_are_what_the_next_start_finds(tmp_path):
+    base = str(tmp_path / "spool")
+    s = Spool(base)
+    s.open()
+    gone, later, other = accept(s), accept(s), accept(s)
+    for msg_id in (later, other):
+        defer(s, msg_id, time.time() + 3600)
+    journal = journal_path(s.entries[gone].loc.path)
+    s.close()
+    with open(journal, "ab") as f:
+        f.write(b'{"id":"torn')  # a crash mid-append: cut before appending, as recovery does
+
+    assert queuetool.delete_offline(base, gone, fsync=True)["status"] == "deleted"
+    assert queuetool.delete_offline(base, gone, fsync=True) == {
+        "ok": False, "status": "not-queued", "message": "not in the queue (deleted already)"}
+    assert queuetool.retry_offline(base, later, fsync=True)["status"] == "due"
+    assert queuetool.retry_offline(base, later, fsync=True)["status"] == "already-due"
+    assert queuetool.retry_offline(base, new_id(), fsync=True)["status"] == "not-queued"
+    assert load_journal(journal)[1] == {gone: "deleted"}
+
+    again = Spool(base)
+    again.open()
+    try:
+        assert sorted(again.entries) == sorted([later, other])
+        assert again.entries[later].due <= time.time() and again.entries[later].attempts == 1
+        assert again.entries[later].last_error == "451 4.3.0 try later"
+        assert again.entries[other].due > time.time() + 3000
+    finally:
+        again.close()
+    assert queuetool.retry_offline(base, None, fsync=False) == {
+        "ok": True, "status": "due", "count": 1, "message": "1 message made due now"}
 
 
 # -- the scheduler's hooks ----------------------------------------------------------------------------
