@@ -19,6 +19,8 @@ USAGE = """Hedwig, a forward-only SMTP relay.
 Usage:
   hedwig [serve] [--config PATH]
   hedwig check-config [--config PATH]
+  hedwig dkim-generate [--config PATH] [--domain D] [--selector S] [--private-key PATH]
+                       [--key-type TYPE] [--bits N]
   hedwig queue list [--config PATH] [--state STATE] [--json]
   hedwig queue show ID [--config PATH]
   hedwig queue stats [--config PATH] [--json]
@@ -31,6 +33,9 @@ Usage:
 Commands:
   serve          run the relay in the foreground (the default)
   check-config   validate the configuration and print what was understood
+  dkim-generate  make a DKIM key: write the private key (PEM, PKCS#8, mode 0600,
+                 never over an existing file) and print the DNS TXT record;
+                 the flags override [server.dkim] of the config, if there is one
   hash-password  read a password from standard input (one line; asked twice on a
                  terminal) and print the scrypt$... hash for [[server.auth]] password
   queue          look into the spool (list, show, stats: read-only, safe while the
@@ -38,12 +43,17 @@ Commands:
                  ID is the one in the server's "250 ... queued as ID" reply
 
 Options:
-  --config PATH  configuration file; defaults to $HEDWIG_CONFIG, then conf/hedwig.toml
-  --state STATE  queue list: only queued, deferred, bounced or quarantined messages
-  --json         queue list, stats: JSON for scripts instead of a table
-  --all          queue retry: every deferred message
-  -h --help      show this text
-  --version      print the version
+  --config PATH        configuration file; defaults to $HEDWIG_CONFIG, then conf/hedwig.toml
+  --domain D           dkim-generate: signing domain (d=)
+  --selector S         dkim-generate: selector (s=)
+  --private-key PATH   dkim-generate: where to write the private key
+  --key-type TYPE      dkim-generate: rsa (the default) or ed25519
+  --bits N             dkim-generate: RSA key size, 1024 to 8192 (default 2048)
+  --state STATE        queue list: only queued, deferred, bounced or quarantined messages
+  --json               queue list, stats: JSON for scripts instead of a table
+  --all                queue retry: every deferred message
+  -h --help            show this text
+  --version            print the version
 """
 
 
@@ -82,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args["hash-password"]:
         return _hash_password()
+    if args["dkim-generate"]:
+        return _dkim_generate(args)
 
     from .config import ConfigError, describe, load_config
 
@@ -113,6 +125,68 @@ def _tls_problem(config) -> str | None:  # type: ignore[no-untyped-def]
             except TlsSetupError as exc:
                 return f"config: server.listeners[{i}].tls.{exc.key}: {exc}"
     return None
+
+
+def _dkim_generate(args: dict) -> int:
+    """SPEC §1/§6: a new DKIM key file and the TXT record to publish for it."""
+    from .config import ConfigError, load_config
+    from .signing import (DEFAULT_RSA_BITS, KEY_TYPES, MAX_RSA_BITS, MIN_RSA_BITS, KeyProblem,
+                          check_dns_name, dns_record, generate_key, write_private_key)
+
+    # The config is optional here; one named by --config or $HEDWIG_CONFIG must load.
+    # Its key file need not exist yet (that is what this command makes).
+    path = args["--config"] or os.environ.get("HEDWIG_CONFIG")
+    if path is None and os.path.exists("conf/hedwig.toml"):
+        path = "conf/hedwig.toml"
+    dkim_config = None
+    if path is not None:
+        try:
+            dkim_config = load_config(path, check_files=False).server.dkim
+        except ConfigError as exc:
+            return _fail(str(exc))
+
+    def setting(flag: str, key: str) -> str | None:
+        value = args[flag]
+        if value is None and dkim_config is not None:
+            value = getattr(dkim_config, key)
+        return value
+
+    domain = setting("--domain", "domain")
+    selector = setting("--selector", "selector")
+    key_path = setting("--private-key", "private_key")
+    key_type = setting("--key-type", "key_type") or "rsa"
+    for value, flag, key in ((domain, "--domain", "domain"), (selector, "--selector", "selector"),
+                             (key_path, "--private-key", "private_key")):
+        if not value:
+            return _fail(f"dkim-generate: no {key.replace('_', ' ')}: give {flag} "
+                         f"or set [server.dkim] {key} in the config")
+    assert domain is not None and selector is not None and key_path is not None
+    try:
+        where = "--domain" if args["--domain"] else "server.dkim.domain"
+        domain = check_dns_name(domain, "a domain name like example.com")
+        where = "--selector" if args["--selector"] else "server.dkim.selector"
+        selector = check_dns_name(selector, "a selector like hedwig or 2024-01")
+    except KeyProblem as exc:
+        return _fail(f"dkim-generate: {where}: {exc}")
+    if key_type not in KEY_TYPES:
+        return _fail(f'dkim-generate: --key-type: expected rsa or ed25519, got "{key_type}"')
+    bits_text = args["--bits"]
+    if bits_text is not None and key_type == "ed25519":
+        return _fail("dkim-generate: --bits is for RSA keys; an ed25519 key has no size to choose")
+    bits = DEFAULT_RSA_BITS if bits_text is None else int(bits_text) if bits_text.isdigit() else -1
+    if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+        return _fail(f'dkim-generate: --bits: expected {MIN_RSA_BITS} to {MAX_RSA_BITS}, got "{bits_text}"')
+
+    key = generate_key(key_type, bits)
+    try:
+        write_private_key(key_path, key)
+    except FileExistsError:
+        return _fail(f"dkim-generate: {key_path} exists; not overwriting it "
+                     "(move it away or choose another --private-key)")
+    except OSError as exc:
+        return _fail(f"dkim-generate: cannot write {key_path}: {exc.strerror or exc}")
+    print(dns_record(selector, domain, key))
+    return 0
 
 
 def _read_password() -> str:
