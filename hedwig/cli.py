@@ -32,7 +32,8 @@ Usage:
 
 Commands:
   serve          run the relay in the foreground (the default)
-  check-config   validate the configuration and print what was understood
+  check-config   validate the configuration (DKIM key and certificates included)
+                 and print what was understood
   dkim-generate  make a DKIM key: write the private key (PEM, PKCS#8, mode 0600,
                  never over an existing file) and print the DNS TXT record;
                  the flags override [server.dkim] of the config, if there is one
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     if args["check-config"]:
-        problem = _tls_problem(config)
+        problem = _tls_problem(config) or _dkim_problem(config)
         if problem:
             return _fail(problem)
         print(describe(config))
@@ -124,6 +125,18 @@ def _tls_problem(config) -> str | None:  # type: ignore[no-untyped-def]
                 load_tls_context(listener.tls)
             except TlsSetupError as exc:
                 return f"config: server.listeners[{i}].tls.{exc.key}: {exc}"
+    return None
+
+
+def _dkim_problem(config) -> str | None:  # type: ignore[no-untyped-def]
+    """Load and try the DKIM key as serve would; the problem, or None."""
+    from .config import ConfigError
+    from .signing import load_signer
+
+    try:
+        load_signer(config)
+    except ConfigError as exc:
+        return str(exc)
     return None
 
 
@@ -229,8 +242,8 @@ def _serve(config) -> int:  # type: ignore[no-untyped-def]
     from .worker import StartupError, Worker
 
     log.setup(config.log.level, config.log.format)
-    worker = Worker(config)
     try:
+        worker = Worker(config)
         worker.start()
     except StartupError as exc:
         return _fail(str(exc), exc.code)

@@ -25,7 +25,7 @@ from gevent.pool import Pool
 from gevent.queue import Queue
 
 from . import policy
-from .config import Config
+from .config import Config, ConfigError
 from .control import Control, SpoolLocked, hold_lock
 from .listener import Listener, TlsSetupError, bind, load_tls_context
 from .session import SessionContext, Shutdown
@@ -34,6 +34,7 @@ from .delivery import Delivery
 from .ratelimit import make_limiter
 from .resolver import Resolver
 from .scheduler import Scheduler
+from .signing import load_signer
 from .spool import Spool
 from .transport import Transport
 
@@ -79,8 +80,14 @@ class Worker:
             command_timeout=smtp.command_timeout,
             pool_size=server.pool_size,
         )
+        try:
+            # The DKIM key is loaded and checked here, once per worker: a bad one
+            # stops the start with one line (exit 2) rather than deferring all mail.
+            signer = load_signer(config)
+        except ConfigError as exc:
+            raise StartupError(str(exc), code=2) from None
         self.delivery = Delivery(config, self.spool, self.scheduler, self.resolver, self.transport,
-                                 limiter=make_limiter(server.rate_limits))
+                                 limiter=make_limiter(server.rate_limits), signer=signer)
         self.control = Control(self.spool, self.scheduler)  # `hedwig queue retry|delete`
         self._lock_fd = -1
         self._feeder: gevent.Greenlet | None = None

@@ -1,4 +1,5 @@
-"""DKIM end to end (SPEC §6, §10): `hedwig dkim-generate` as an operator runs it.
+"""DKIM end to end (SPEC §6, §10): `hedwig dkim-generate` as an operator runs it, then a
+real Hedwig signing with that key, delivering to a real sink, checked with dkimpy.
 
 The key and the TXT record come from `python hedwig.py dkim-generate` (or
 `scripts/dkim-generate`); `dkim.verify` gets the record through a `dnsfunc`
@@ -15,11 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from tests.support.proc import HOST, REPO_ROOT, to_toml
+from tests.integration.test_delivery import delivery_config, message, outcome, send, sinks  # noqa: F401
+from tests.support.proc import HOST, REPO_ROOT, read_journal, split_received, to_toml, wait_until
 
 TIMEOUT = 30
 DOMAIN, SELECTOR = "signer.test", "hw1"
@@ -237,3 +240,140 @@ def test_scripts_dkim_generate_is_the_same_command(tmp_path) -> None:
     assert base64.b64decode(tags(txt)["p"]) == raw
     result = run("--private-key", str(key_path), argv0=[str(script)], cwd=tmp_path)
     assert result.returncode == 2 and "--domain" in one_line(result.stderr)
+
+
+# -- signing in the relay ----------------------------------------------------------------
+
+
+def dkim_server(key_path: Path, key_type: str, **server: Any) -> dict[str, Any]:
+    config = delivery_config(**server)
+    config["server"]["dkim"] = {"domain": DOMAIN, "selector": SELECTOR, "private_key": str(key_path),
+                                "key_type": key_type}
+    return config
+
+
+def as_pkcs1(key_path: Path) -> None:
+    """Rewrite a generated RSA key as PKCS#1 ("BEGIN RSA PRIVATE KEY"), as older tools write them."""
+    pem = load_key(key_path).private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption())
+    key_path.write_bytes(pem)
+    assert pem.startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+
+
+def split_signature(data: bytes) -> tuple[bytes, bytes]:
+    assert data.startswith(b"DKIM-Signature: "), data[:200]
+    end = re.search(rb"\r\n(?![ \t])", data).end()
+    return data[:end], data[end:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["rsa-pkcs8", "rsa-pkcs1", "ed25519"])
+def test_relayed_mail_is_signed_and_verifies_with_the_printed_record(hedwig, sinks, tmp_path, kind) -> None:
+    key_type = "ed25519" if kind == "ed25519" else "rsa"
+    key_path, record = generate(tmp_path, "--key-type", key_type)
+    if kind == "rsa-pkcs1":
+        as_pkcs1(key_path)
+    sink = sinks()
+    proc = hedwig(dkim_server(key_path, key_type, routes={"dest.test": f"{HOST}:{sink.port}"}))
+    data = (b"From: Alice <alice@signer.test>\r\nTo: bob@dest.test\r\nSubject: signed  mail\r\n"
+            b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <" + kind.encode() + b"@signer.test>\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\nX-Unsigned: yes\r\n\r\n"
+            b"Hello,\r\n.leading dot\r\n\r\nbye \r\n")
+    msg_id = send(proc.port, ["bob@dest.test"], data)
+    assert outcome(proc, msg_id) == "delivered"
+    [got] = sink.messages
+    signature, rest = split_signature(got.data)
+    assert split_received(rest)[1] == data  # SPEC §10: only fields on top are added
+    dnsfunc = dnsfunc_for(record)
+    assert dkim.verify(got.data, dnsfunc=dnsfunc) is True
+    assert dnsfunc.asked == [f"{SELECTOR}._domainkey.{DOMAIN}.".encode()]
+    fields = dict(t.strip().split("=", 1) for t in re.sub(rb"\r\n[ \t]", b"", signature)
+                  .decode().split(":", 1)[1].split(";"))
+    assert fields["a"] == ("ed25519-sha256" if key_type == "ed25519" else "rsa-sha256")
+    assert (fields["c"], fields["d"], fields["s"]) == ("relaxed/relaxed", DOMAIN, SELECTOR)
+    assert [h.strip() for h in fields["h"].split(":")] == [
+        "from", "to", "subject", "date", "message-id", "mime-version", "content-type"]
+    # the test can fail: a signed header or the body changed after signing
+    assert dkim.verify(got.data.replace(b"Subject: signed  mail", b"Subject: signed mail!"),
+                       dnsfunc=dnsfunc) is False
+    assert dkim.verify(got.data.replace(b"To: bob@dest.test", b"To: eve@dest.test"), dnsfunc=dnsfunc) is False
+    assert dkim.verify(got.data.replace(b"Hello,", b"Hullo"), dnsfunc=dnsfunc) is False
+    # ... and with another key's record (same name) it does not verify either
+    _, other = generate(tmp_path, "--key-type", key_type, name="other.pem")
+    assert dkim.verify(got.data, dnsfunc=dnsfunc_for(other)) is False
+
+
+@pytest.mark.timeout(60)
+def test_one_signature_per_message_for_all_its_domains_and_big_messages(hedwig, sinks, tmp_path) -> None:
+    key_path, record = generate(tmp_path)
+    one, two = sinks(), sinks()
+    proc = hedwig(dkim_server(key_path, "rsa", routes={"one.test": f"{HOST}:{one.port}",
+                                                        "two.test": f"{HOST}:{two.port}"}))
+    data = message("two-domains")
+    msg_id = send(proc.port, ["a@one.test", "b@two.test"], data)
+    assert outcome(proc, msg_id) == "delivered"
+    [a], [b] = one.messages, two.messages
+    assert a.data == b.data  # signed once, the same bytes to both domains
+    assert dkim.verify(a.data, dnsfunc=dnsfunc_for(record)) is True
+    # a message beyond SIGN_IN_THREAD (64 KiB) is signed in the threadpool: same result
+    big = message("big", b"".join(b"line %06d of a big message  \r\n" % i for i in range(12000)))
+    assert len(big) > 300_000
+    msg_id = send(proc.port, ["c@one.test"], big)
+    assert outcome(proc, msg_id) == "delivered"
+    got = one.messages[-1].data
+    assert split_received(split_signature(got)[1])[1] == big
+    assert dkim.verify(got, dnsfunc=dnsfunc_for(record)) is True
+
+
+@pytest.mark.timeout(60)
+def test_a_signing_failure_defers_and_nothing_goes_out_unsigned(hedwig, sinks, tmp_path) -> None:
+    key_path, record = generate(tmp_path, "--key-type", "ed25519")
+    sink = sinks()
+    proc = hedwig(dkim_server(key_path, "ed25519", routes={"dest.test": f"{HOST}:{sink.port}"},
+                              max_retries=2))
+    # dkimpy cannot parse a header section with a line that is no header field
+    broken = b"From: a@signer.test\r\nthis line is no header field\r\nSubject: x\r\n\r\nbody\r\n"
+    bad_id = send(proc.port, ["bob@dest.test"], broken)
+
+    def deferred_once() -> bool:
+        return read_journal(proc.spool)[0].get(bad_id, {}).get("attempts") == 1
+
+    wait_until(deferred_once, 10, what="the signing failure to be journalled as a deferral")
+    state = read_journal(proc.spool)[0][bad_id]
+    assert "DKIM signing failed" in state["error"], state
+    assert re.search(rf"msg_id={bad_id} local error: DKIM signing failed", proc.log_text())
+    # the worker goes on: a good message is signed and delivered meanwhile
+    good_id = send(proc.port, ["carol@dest.test"], message("good"))
+    assert outcome(proc, good_id) == "delivered"
+    # after max_retries the broken one bounces; it never reached the sink
+    assert outcome(proc, bad_id) == "bounced"
+    assert [m.rcpt_tos for m in sink.messages] == [["carol@dest.test"]]
+    assert dkim.verify(sink.messages[0].data, dnsfunc=dnsfunc_for(record)) is True
+    assert "Traceback" not in proc.log_text()
+
+
+BAD_KEYS = {
+    "garbage": (b"-----BEGIN PRIVATE KEY-----\nnonsense\n-----END PRIVATE KEY-----\n", "rsa",
+                "not a PEM private key"),
+    "wrong type": (None, "ed25519", 'holds an rsa key but server.dkim.key_type is "ed25519"'),
+}
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("case", list(BAD_KEYS))
+def test_a_bad_key_stops_serve_and_check_config_with_one_line(hedwig, tmp_path, case) -> None:
+    content, key_type, expected = BAD_KEYS[case]
+    key_path, _ = generate(tmp_path)  # an RSA key
+    if content is not None:
+        key_path.write_bytes(content)
+    proc = hedwig(dkim_server(key_path, key_type), ready=False)
+    assert proc.wait(15) == 2
+    text = proc.last_log().strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    assert lines[0].startswith("config: server.dkim.private_key: ") and expected in lines[0], lines[0]
+    result = run("--config", str(proc.config_path),
+                 argv0=[sys.executable, str(REPO_ROOT / "hedwig.py"), "check-config"])
+    assert result.returncode == 2
+    assert one_line(result.stderr) == lines[0]
