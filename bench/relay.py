@@ -32,8 +32,12 @@ then runs `smtp-source -s N -m M -l 1024 ...` against the server and records:
 
 Modes: `conn` = one message per connection; `d` = `smtp-source -d`.
 
+`--dkim` (or BENCH_DKIM=1): Hedwig signs every message (`[server.dkim]`,
+RSA-2048, a key made once by `hedwig dkim-generate` in the scratch directory);
+Postfix does not sign (compare Hedwig with and without it).
+
     python bench/relay.py [--messages 10000] [--sessions "16 64"] [--repeats 3]
-                          [--servers all] [--modes conn,d] [--write-results]
+                          [--servers all] [--modes conn,d] [--dkim] [--write-results]
 
 Runs are interleaved: within a repeat every (sessions, mode) cell runs each
 server back to back, in an order reversed on every other repeat, so that a
@@ -194,7 +198,7 @@ addr = "127.0.0.1:{port}"
 
 [server.routes]
 "*" = "127.0.0.1:{sink_port}"
-
+{dkim}
 [storage]
 base_path = "{spool}"
 fsync = {fsync}
@@ -210,6 +214,24 @@ def hedwig_extra(args: argparse.Namespace) -> str:
     return extra
 
 
+def hedwig_dkim(args: argparse.Namespace, key_path: str | None = None) -> str:
+    """The [server.dkim] table with --dkim (an RSA-2048 key made once per run of relay.py), else nothing."""
+    if not args.dkim:
+        return ""
+    return (f'\n[server.dkim]\ndomain = "example.test"\nselector = "bench"\n'
+            f'private_key = "{key_path or args.dkim_key}"\nkey_type = "rsa"\n')
+
+
+def make_dkim_key(args: argparse.Namespace) -> None:
+    """--dkim: `hedwig dkim-generate` an RSA-2048 key into the scratch directory."""
+    args.dkim_key = os.path.join(args.workdir, "dkim-rsa2048.pem")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "hedwig.py"), "dkim-generate", "--domain",
+                             "example.test", "--selector", "bench", "--private-key", args.dkim_key],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise RuntimeError(f"dkim-generate failed: {result.stderr.strip()}")
+
+
 def start_hedwig(name: str, run_dir: str, sink_port: int, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     spool = os.path.join(run_dir, "spool")
     conf = os.path.join(run_dir, "hedwig.toml")
@@ -219,7 +241,7 @@ def start_hedwig(name: str, run_dir: str, sink_port: int, args: argparse.Namespa
         port = free_port()
         with open(conf, "w") as f:
             f.write(HEDWIG_CONF.format(port=port, sink_port=sink_port, spool=spool, fsync=fsync,
-                                       extra=hedwig_extra(args)))
+                                       extra=hedwig_extra(args), dkim=hedwig_dkim(args)))
         argv = [sys.executable, os.path.join(ROOT, "hedwig.py"), "serve", "--config", conf]
         with open(log_path, "wb") as logf:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
@@ -766,7 +788,8 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
            create: tuple[float, float]) -> str:
     load_end = os.getloadavg()
     hedwig_conf = HEDWIG_CONF.format(port="PORT", sink_port="SINKPORT", spool="SCRATCH/spool",
-                                     fsync="true|false", extra=hedwig_extra(args))
+                                     fsync="true|false", extra=hedwig_extra(args),
+                                     dkim=hedwig_dkim(args, "SCRATCH/dkim-rsa2048.pem"))
     lines = [
         f"Command: `{args.command or _cmd([sys.executable, *sys.argv])}`",
         "",
@@ -861,6 +884,9 @@ def main() -> int:
     p.add_argument("--results", default=os.path.join(BENCH, "RESULTS.md"))
     p.add_argument("--title", default="", help="extra words for the RESULTS.md heading")
     p.add_argument("--command", default="", help="command line to record (relay.sh passes its own)")
+    p.add_argument("--dkim", action="store_true", default=os.environ.get("BENCH_DKIM", "") not in ("", "0"),
+                   help="Hedwig signs every message with DKIM, RSA-2048 (a key made by `hedwig dkim-generate` "
+                        "in the scratch dir); also BENCH_DKIM=1")
     p.add_argument("--verbose", "-v", action="store_true")
     args = p.parse_args()
     args.postfix_facts = None
@@ -914,6 +940,8 @@ def main() -> int:
     status = 0
     try:
         create_start = create_cost_us(args.workdir)
+        if args.dkim:
+            make_dkim_key(args)
         for rep in range(1, args.repeats + 1):
             order = servers if rep % 2 else list(reversed(servers))
             for sess in sessions:
@@ -956,7 +984,8 @@ def main() -> int:
     print(text)
     if args.write_results:
         stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-        heading = f"## {stamp} — relay" + (f" — {args.title}" if args.title else "")
+        heading = (f"## {stamp} — relay" + (" — DKIM RSA-2048 on" if args.dkim else "")
+                   + (f" — {args.title}" if args.title else ""))
         new = not os.path.exists(args.results)
         with open(args.results, "a") as f:
             if new:

@@ -25,6 +25,7 @@
 #   BENCH_TIMEOUT        seconds before smtp-source is killed           (--timeout, default 120)
 #   BENCH_RELAY_TIMEOUT  seconds from the start of smtp-source to wait for the sink
 #                                                          (--relay-timeout, default 180)
+#   BENCH_DKIM           1: Hedwig signs every message, DKIM RSA-2048   (--dkim, default off)
 #   BENCH_DIR            parent of the scratch directory (default /var/tmp)
 #   PYTHON               interpreter (default python3)
 # Add --write-results to append the report to bench/RESULTS.md.
@@ -39,7 +40,7 @@ cd "$(dirname "$0")/.."
 shq() { if [[ $1 =~ ^[A-Za-z0-9_./=:,+@-]+$ ]]; then printf '%s' "$1"; else printf '%s' "${1@Q}"; fi; }
 cmdline="bash bench/relay.sh"
 for a in "$@"; do cmdline+=" $(shq "$a")"; done
-for v in BENCH_DIR BENCH_RELAY_TIMEOUT BENCH_TIMEOUT BENCH_MODES BENCH_SERVERS BENCH_SIZE BENCH_REPEATS \
+for v in BENCH_DKIM BENCH_DIR BENCH_RELAY_TIMEOUT BENCH_TIMEOUT BENCH_MODES BENCH_SERVERS BENCH_SIZE BENCH_REPEATS \
          BENCH_SESSIONS BENCH_MESSAGES; do
     if [[ -n "${!v:-}" ]]; then cmdline="$v=$(shq "${!v}") $cmdline"; fi
 done
