@@ -487,18 +487,22 @@ class Spool:
         directory = os.path.join(self.bounced_dir, msg_id[-2:].lower())
         os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
         for suffix, data in ((".eml", body), (".reason", reasons.encode("utf-8"))):
-            tmp = os.path.join(self.tmp_dir, msg_id + suffix)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-            try:
-                _write_all(fd, data)
-                if self.fsync:
-                    os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, os.path.join(directory, msg_id + suffix))
+            self._write_file(os.path.join(directory, msg_id + suffix), data)
         if self.fsync:
             _fsync_dir(directory)
         return os.path.join(directory, msg_id + ".eml")
+
+    def _write_file(self, path: str, data: bytes) -> None:
+        """A whole file, 0600, synced when fsync is on: written under tmp/, then renamed in."""
+        tmp = os.path.join(self.tmp_dir, os.path.basename(path))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            _write_all(fd, data)
+            if self.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
 
     def quarantine(self, entry: QueueEntry, reason: str) -> str:
         """A record that fails its checksum: copy its bytes out for a human, then drop it.
@@ -516,13 +520,7 @@ class Spool:
             raw = f.read(loc.end - loc.offset)
         target = os.path.join(self.quarantine_dir, loc.msg_id + ".rec")
         for path, data in ((target, raw), (target[:-4] + ".reason", reason.encode("utf-8") + b"\n")):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-            try:
-                _write_all(fd, data)
-                if self.fsync:
-                    os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            self._write_file(path, data)
         if self.fsync:
             _fsync_dir(self.quarantine_dir)
         return target
