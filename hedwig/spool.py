@@ -377,6 +377,7 @@ class Spool:
         self._seg_seq = 0
         self._journal_fds: dict[str, int] = {}
         self._reclaim: list[str] = []  # segments with nothing queued, to delete
+        self._retired: list[str] = []  # segments the writer moved on from (set in the thread)
 
     # -- setup -----------------------------------------------------------------
 
@@ -591,13 +592,27 @@ class Spool:
                     self.entries[job.writer.msg_id] = QueueEntry(job.writer.msg_id, loc)
                     self._live[loc.path] = self._live.get(loc.path, 0) + 1
                 job.result.set(None)
+            self._reclaim_retired()
+
+    def _reclaim_retired(self) -> None:
+        """On the hub: a segment the writer left behind goes once nothing in it is queued.
+
+        `finish()` handles segments that empty later; this catches one that was
+        already empty when the writer moved on. Both run on the hub, so `_live`
+        and `_reclaim` are only ever touched from there.
+        """
+        retired, self._retired = self._retired, []
+        for path in retired:
+            if self._live.get(path, 0) == 0:
+                self._live.pop(path, None)
+                self._reclaim.append(path)
+                self._wakeup.set()
 
     def _new_segment(self) -> None:
         if self._seg_fd >= 0:
             os.close(self._seg_fd)
-            if self._live.get(self._seg_path, 0) == 0:
-                self._live.pop(self._seg_path, None)
-                self._reclaim.append(self._seg_path)
+            # Runs in the committer's thread: the hub decides about reclaiming it.
+            self._retired.append(self._seg_path)
         self._seg_seq += 1
         self._seg_path = os.path.join(self.log_dir, f"{self.writer}-{self._seg_seq:016x}.seg")
         self._seg_fd = os.open(
