@@ -32,6 +32,8 @@ burst of background load does not fall on one server only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import argparse
 import datetime
 import os
@@ -512,20 +514,25 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
 # -- main ----------------------------------------------------------------------
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description="Accepted msg/s of Hedwig, aiosmtpd and smtp-sink under smtp-source.")
-    p.add_argument("--messages", "-m", type=int, default=int(os.environ.get("BENCH_MESSAGES", 20000)))
+def add_load_args(p: argparse.ArgumentParser, *, messages: int, servers: Sequence[str]) -> None:
+    """The load options both benchmarks take (flags, or BENCH_* environment variables)."""
+    p.add_argument("--messages", "-m", type=int, default=int(os.environ.get("BENCH_MESSAGES", messages)))
     p.add_argument("--sessions", "-s", default=os.environ.get("BENCH_SESSIONS", "16 64"),
                    help='space/comma separated session counts (default "16 64")')
     p.add_argument("--size", "-l", type=int, default=int(os.environ.get("BENCH_SIZE", 1024)),
                    help="message payload bytes (smtp-source -l; headers not included)")
     p.add_argument("--repeats", "-r", type=int, default=int(os.environ.get("BENCH_REPEATS", 3)))
     p.add_argument("--servers", default=os.environ.get("BENCH_SERVERS", "all"),
-                   help=f"comma/space separated, or 'all': {', '.join(ALL_SERVERS)}")
+                   help=f"comma/space separated, or 'all': {', '.join(servers)}")
     p.add_argument("--modes", default=os.environ.get("BENCH_MODES", "conn,d"),
                    help="conn (one message per connection), d (smtp-source -d); default both")
     p.add_argument("--timeout", type=float, default=float(os.environ.get("BENCH_TIMEOUT", 120)),
                    help="kill smtp-source after this many seconds (default 120)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="Accepted msg/s of Hedwig, aiosmtpd and smtp-sink under smtp-source.")
+    add_load_args(p, messages=20000, servers=ALL_SERVERS)
     p.add_argument("--start-timeout", type=float, default=30.0, help="seconds to wait for a server's 220")
     p.add_argument("--peer-threads", type=int, default=64, help="aiosmtpd peer executor threads (default 64)")
     p.add_argument("--workdir", default=None,

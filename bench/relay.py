@@ -846,18 +846,7 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
 
 def main() -> int:
     p = argparse.ArgumentParser(description="Relayed msg/s (smtp-source -> server -> smtp-sink) of Hedwig and Postfix.")
-    p.add_argument("--messages", "-m", type=int, default=int(os.environ.get("BENCH_MESSAGES", 10000)))
-    p.add_argument("--sessions", "-s", default=os.environ.get("BENCH_SESSIONS", "16 64"),
-                   help='space/comma separated session counts (default "16 64")')
-    p.add_argument("--size", "-l", type=int, default=int(os.environ.get("BENCH_SIZE", 1024)),
-                   help="message payload bytes (smtp-source -l; headers not included)")
-    p.add_argument("--repeats", "-r", type=int, default=int(os.environ.get("BENCH_REPEATS", 3)))
-    p.add_argument("--servers", default=os.environ.get("BENCH_SERVERS", "all"),
-                   help=f"comma/space separated, or 'all': {', '.join(ALL_SERVERS)}")
-    p.add_argument("--modes", default=os.environ.get("BENCH_MODES", "conn,d"),
-                   help="conn (one message per connection), d (smtp-source -d); default both")
-    p.add_argument("--timeout", type=float, default=float(os.environ.get("BENCH_TIMEOUT", 120)),
-                   help="kill smtp-source after this many seconds (default 120)")
+    ingest.add_load_args(p, messages=10000, servers=ALL_SERVERS)
     p.add_argument("--relay-timeout", type=float, default=float(os.environ.get("BENCH_RELAY_TIMEOUT", 180)),
                    help="stop waiting for the sink this many seconds after smtp-source started (default 180)")
     p.add_argument("--stall", type=float, default=10.0,
