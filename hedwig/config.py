@@ -149,6 +149,7 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     workers: int
+    worker_timeout: float
     pool_size: int
     delivery_concurrency: int
     max_retries: int
@@ -474,6 +475,7 @@ KEYS: tuple[Key, ...] = (
     Key("log.level", _LEVELS, "info", "error, warn, info, debug or trace (HEDWIG_LOG_LEVEL wins)"),
     Key("log.format", _choice("text", "json"), "text", "text, or json (one object per line)"),
     Key("server.workers", _int(1, 256), 1, "worker processes, sharing the listening sockets"),
+    Key("server.worker_timeout", _positive, "30s", "a worker silent this long is killed and replaced"),
     Key("server.pool_size", _int(1), 100, "per worker: max concurrent outbound connections"),
     Key("server.delivery_concurrency", _int(1), None, "per worker: delivery greenlets (pool_size)"),
     Key("server.max_retries", _int(0), 5, "attempts for a temporary failure before bouncing"),
