@@ -151,7 +151,7 @@ NAMES = [b"From", b"To", b"Cc", b"Subject", b"Date", b"Message-ID", b"Reply-To",
 WORDS = [b"alice@example.test", b"<bob@dest.test>", b"Hello", b"=?utf-8?q?caf=C3=A9?=", b"caf\xc3\xa9",
          b"\xff\xfe", b"(comment)", b"a;b=c", b"b=", b"1.0", b"text/plain;", b'charset="utf-8"', b"x" * 90,
          b":", b"\x01", b"\r"]
-SPACES = [b" ", b" ", b" ", b"  ", b"\t", b" \t ", b"\r\n ", b"\r\n\t", b"\r\n  \t", b""]
+SPACES = [b" ", b" ", b" ", b"  ", b"\t", b" \t ", b" " * 9, b"\r\n ", b"\r\n\t", b"\r\n  \t", b""]
 
 
 def case(rng: random.Random, name: bytes) -> bytes:
@@ -174,7 +174,8 @@ def field_value(rng: random.Random) -> bytes:
 
 def body_line(rng: random.Random) -> bytes:
     parts = [rng.choice(WORDS[:-1] + [b"", b"a", b"the", b"."]) for _ in range(rng.randrange(12))]
-    line = b"".join(p + rng.choice([b" ", b" ", b" ", b"  ", b"\t", b" \t", b""]) for p in parts)
+    line = b"".join(p + rng.choice([b" ", b" ", b" ", b"  ", b"\t", b" \t", b"", b" " * 9, b"\t \t   \t"])
+                    for p in parts)
     return rng.choice([b"", b"", b" ", b"\t", b"  "]) + line
 
 
@@ -260,12 +261,30 @@ def test_any_bytes_are_signed_as_dkimpy_signs_them_or_refused(head, body, ed_key
     """Arbitrary header and body bytes: the same field as dkimpy, or an error where dkimpy errs."""
     message = head + b"\r\n\r\n" + body
     try:
+        headers, parsed_body = dkim.rfc822_parse(message)
         theirs = dkimpy_signs(message, ed_key)
     except Exception:  # noqa: BLE001 - dkimpy refuses it (MessageFormatError, or trips: IndexError)
         with pytest.raises(dkim.DKIMException):
             Signer(DOMAIN, SELECTOR, ed_key, clock=lambda: T).sign(message)
         return
+    assert signing._parse(message) == ([(name, value) for name, value in headers], parsed_body)
     assert Signer(DOMAIN, SELECTOR, ed_key, clock=lambda: T).sign(message) == theirs
+
+
+wsp_text = st.lists(st.sampled_from([b" ", b"\t", b"a", b"\r", b"\n", b"\r\n", b"\xa0", b"\x0b"]),
+                    max_size=40).map(b"".join)
+
+
+@settings(max_examples=500, derandomize=True, database=None)
+@given(text=wsp_text)
+def test_canonicalisation_helpers_are_dkimpys(text) -> None:
+    from dkim.canonicalization import Relaxed, compress_whitespace
+
+    assert signing._squeeze(text) == compress_whitespace(text)
+    crlf = re.sub(rb"\r?\n", b"\r\n", text)  # as dkimpy's rfc822_parse leaves a body
+    assert signing._relaxed_body(crlf) == Relaxed.canonicalize_body(crlf)
+    [(_, value)] = Relaxed.canonicalize_headers([(b"x", crlf + b"\r\n")])
+    assert signing._relaxed_value(crlf + b"\r\n") + b"\r\n" == value
 
 
 @pytest.mark.parametrize("bits", [1024, 2048, 3072])
