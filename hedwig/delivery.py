@@ -31,8 +31,9 @@ from collections.abc import Sequence
 import gevent
 from gevent.pool import Pool
 
-from . import offload
+from . import metrics, offload
 from .config import Config
+from .log import fields
 from .outcome import BOUNCED, DEFERRED, DELIVERED, Result
 from .ratelimit import Limiter, Unlimited
 from .resolver import Resolver
@@ -107,12 +108,12 @@ class Delivery:
                     removed = offload.run(self.spool.remove_bounced_older_than,
                                           now - self.cleanup.bounced_retention)
                     if removed:
-                        log.info("cleanup: removed %d bounced files", removed)
+                        log.info("cleanup: removed bounced files", extra=fields(files=removed))
                 if self.cleanup.deferred_retention is not None:
                     self.scheduler.expire_older_than(now - self.cleanup.deferred_retention,
                                                      received_at=lambda e: id_time(e.msg_id))
             except OSError as exc:
-                log.error("cleanup failed: %s", exc)
+                log.error("cleanup failed", extra=fields(error=str(exc)))
 
     def stop(self, grace: float) -> None:
         """No new claims; deliveries in flight get `grace` seconds, then are cut off."""
@@ -120,8 +121,8 @@ class Delivery:
             self._cleaner.kill()
         self.scheduler.stop()
         if not self.pool.join(timeout=grace):
-            log.warning("grace period over: abandoning %d deliveries (they will be retried)",
-                        len(self.scheduler.claimed))
+            log.warning("grace period over: abandoning deliveries (they will be retried)",
+                        extra=fields(deliveries=len(self.scheduler.claimed)))
             self.pool.kill(timeout=1)
 
     def _run(self) -> None:
@@ -129,6 +130,7 @@ class Delivery:
             entry = self.scheduler.take()
             if entry is None:
                 return
+            claimed = time.monotonic()  # a job: this claim, until its outcome is recorded
             try:
                 self.deliver(entry)
             except gevent.GreenletExit:
@@ -136,12 +138,15 @@ class Delivery:
             except Exception as exc:  # noqa: BLE001 - one bad message must not stop delivery
                 # Not a verdict about the mail: back off like a deferral so a
                 # persistent local fault costs one line per attempt, not a loop.
-                log.exception("msg_id=%s delivery failed; retrying later", entry.msg_id)
-                entry.attempts += 1
+                log.exception("delivery failed; retrying later", extra=fields(msg_id=entry.msg_id))
+                self._count_attempt(entry)
+                metrics.emails_deferred.inc()
                 entry.last_error = f"local error: {exc}"
                 entry.due = time.time() + retry_delay(entry.attempts, self.server.retry_initial_delay,
                                                        self.server.retry_max_delay, self.rng)
                 self.scheduler.release(entry, requeue=True)
+            metrics.worker_jobs_processed.inc()
+            metrics.worker_job_duration.observe(time.monotonic() - claimed)
 
     # -- one message ---------------------------------------------------------------
 
@@ -161,13 +166,14 @@ class Delivery:
                 env, body = self.spool.read(entry.msg_id)
         except DamagedMessage as exc:
             path = self.spool.quarantine(entry, str(exc))
-            log.error("msg_id=%s damaged (%s): quarantined as %s", entry.msg_id, exc, path)
+            log.error("damaged: quarantined", extra=fields(msg_id=entry.msg_id, error=str(exc), path=path))
             self.scheduler.release(entry, requeue=False)
             return
         pending = list(entry.pending if entry.pending is not None else env.recipients)
         if self.server.disable_outbound:
-            log.info("msg_id=%s dropped (disable_outbound) rcpts=%d", entry.msg_id, len(pending))
+            log.info("dropped (disable_outbound)", extra=fields(msg_id=entry.msg_id, rcpts=len(pending)))
             self._finish(entry, "dropped")
+            metrics.emails_dropped.inc()
             return
         retention = self.cleanup.deferred_retention
         if entry.attempts and retention is not None and time.time() - env.received_at > retention:
@@ -201,36 +207,58 @@ class Delivery:
         """
         if self.signer is None:
             return body
+        started = time.monotonic()
         try:
             if len(body) > SIGN_IN_THREAD:
-                return offload.run(self.signer.sign, body)
-            return self.signer.sign(body)
+                signed = offload.run(self.signer.sign, body)
+            else:
+                signed = self.signer.sign(body)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the mail must not go out unsigned
             text = "local error: DKIM signing failed: " + " ".join(str(exc).split())
-            log.error("msg_id=%s %s", entry.msg_id, text)
+            log.error(text, extra=fields(msg_id=entry.msg_id))
             self._conclude(entry, env, body, [Result(r, DEFERRED, 0, text) for r in pending], attempted=True)
             return None
+        metrics.dkim_signing_latency.observe(time.monotonic() - started)
+        return signed
 
     def _deliver_domain(self, entry: QueueEntry, env: Envelope, body: bytes,
                         domain: str, rcpts: list[str]) -> tuple[list[Result], bool]:
         started = time.monotonic()
+        label = metrics.domain_label(domain)
         plan = self.resolver.plan(domain, self.server.routes, self.server.smtp.port, self.rng)
         if not isinstance(plan, Deliver):
-            kind = BOUNCED if plan.permanent else DEFERRED
-            log.info("msg_id=%s domain=%s host=- outcome=%s reply=%r latency=%.3f",
-                     entry.msg_id, domain, kind, plan.reason, time.monotonic() - started)
-            return [Result(r, kind, 0, plan.reason) for r in rcpts], not plan.permanent
+            # No transaction: the recipients' fate is the plan's (SPEC §5: a
+            # permanent DNS failure bounces without an attempt).
+            results = [Result(r, BOUNCED if plan.permanent else DEFERRED, 0, plan.reason) for r in rcpts]
+            self._log_attempt(entry, domain, None, results, time.monotonic() - started)
+            if not plan.permanent:
+                metrics.send_attempts.labels(domain=label, status="failure").inc()
+            return results, not plan.permanent
         attempt = self.transport.send(plan.targets, env.sender, rcpts, body)
-        for result in attempt.results:
-            log.info("msg_id=%s domain=%s host=%s rcpt=<%s> outcome=%s reply=%r latency=%.3f",
-                     entry.msg_id, domain, attempt.host or "-", result.recipient, result.kind,
-                     f"{result.code} {result.text}".strip(), attempt.latency)
+        self._log_attempt(entry, domain, attempt.host or None, attempt.results, attempt.latency)
+        metrics.send_latency.labels(domain=label).observe(attempt.latency)
+        success = all(r.kind == DELIVERED for r in attempt.results)
+        metrics.send_attempts.labels(domain=label, status="success" if success else "failure").inc()
         return list(attempt.results), True
+
+    def _log_attempt(self, entry: QueueEntry, domain: str, host: str | None,
+                     results: Sequence[Result], latency: float) -> None:
+        """SPEC §8: one line per recipient of an attempt (host None: none was reached)."""
+        for result in results:
+            log.info("attempt", extra=fields(
+                msg_id=entry.msg_id, domain=domain, host=host, rcpt=result.recipient,
+                outcome=result.kind, reply=f"{result.code or ''} {result.text}".strip(),
+                latency=round(latency, 3)))
+
+    def _count_attempt(self, entry: QueueEntry) -> None:
+        entry.attempts += 1
+        if entry.attempts > 1:
+            metrics.retry_attempts.inc()
 
     def _conclude(self, entry: QueueEntry, env: Envelope, body: bytes, results: list[Result],
                   attempted: bool, expired: bool = False) -> None:
         if attempted:
-            entry.attempts += 1
+            self._count_attempt(entry)
         bounced = list(entry.bounced)
         bounced += [(r.recipient, r.code, r.text) for r in results if r.kind == BOUNCED]
         deferred = [r for r in results if r.kind == DEFERRED]
@@ -253,15 +281,19 @@ class Delivery:
             if changed:
                 self.spool.record_state(entry)
             self.scheduler.release(entry, requeue=True)
+            if deferred:  # held back by rate limits alone is no deferral (SPEC §7)
+                metrics.emails_deferred.inc()
             return
         if bounced:
             path = self.spool.write_bounced(entry, body, bounce_report(env, bounced))
-            log.info("msg_id=%s bounced rcpts=%d kept=%s", entry.msg_id, len(bounced), path)
+            log.info("bounced", extra=fields(msg_id=entry.msg_id, rcpts=len(bounced), kept=path))
             self._finish(entry, "expired" if expired else "bounced")
+            metrics.emails_bounced.inc()
         else:
             delivered = sum(1 for r in results if r.kind == DELIVERED)
-            log.info("msg_id=%s delivered rcpts=%d attempts=%d", entry.msg_id, delivered, entry.attempts)
+            log.info("delivered", extra=fields(msg_id=entry.msg_id, rcpts=delivered, attempts=entry.attempts))
             self._finish(entry, "delivered")
+            metrics.emails_sent.inc()
 
     def _finish(self, entry: QueueEntry, outcome: str) -> None:
         self.spool.finish(entry, outcome)

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 import gevent
 from gevent.queue import Queue
 
-from . import offload, policy
+from . import metrics, offload, policy
 from .config import ListenerConfig, ServerConfig
+from .log import fields
 from .smtp import auth
 from .smtp import replies as R
 from .smtp.protocol import (
@@ -168,9 +169,9 @@ class Session:
         except Shutdown:
             self._last_words(R.R421_SHUTTING_DOWN)
         except OSError as exc:
-            log.debug("session_id=%s client=%s connection error: %s", self.session_id, self.client_ip, exc)
+            log.debug("connection error", extra=self._fields(error=str(exc)))
         except Exception:  # noqa: BLE001 - one broken session must not take the worker down
-            log.exception("session_id=%s client=%s session failed", self.session_id, self.client_ip)
+            log.exception("session failed", extra=self._fields())
             self._last_words(R.R451_LOCAL_ERROR)
         finally:
             self._abort_data()
@@ -207,7 +208,7 @@ class Session:
             return self.sock.recv(65536)
         except TimeoutError:
             self._write(R.R421_TIMEOUT.to_bytes())
-            log.info("session_id=%s client=%s timeout", self.session_id, self.client_ip)
+            log.info("timeout", extra=self._fields())
             return None
         finally:
             self.idle = False
@@ -231,7 +232,7 @@ class Session:
         except Shutdown:
             return False
         except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError, resets
-            log.info("session_id=%s client=%s tls handshake failed: %s", self.session_id, self.client_ip, exc)
+            log.info("tls handshake failed", extra=self._fields(error=str(exc)))
             return False
         finally:
             self.idle = False
@@ -239,7 +240,7 @@ class Session:
         version = self.sock.version() or ""  # type: ignore[attr-defined]
         self.tls = (version, cipher[0] if cipher else "", cipher[2] if cipher else 0)
         self.proto.encrypted = True
-        log.debug("session_id=%s client=%s tls %s %s", self.session_id, self.client_ip, version, self.tls[1])
+        log.debug("tls", extra=self._fields(version=version, cipher=self.tls[1]))
         return True
 
     def _tls_started(self) -> None:
@@ -305,8 +306,7 @@ class Session:
             return R.R452_DISK_FULL
         refusal = policy.check_sender(event.address, self.ctx.filters)
         if refusal is not None:
-            log.info("session_id=%s client=%s sender refused by filter: from=<%s>",
-                     self.session_id, self.client_ip, event.address)
+            log.info("sender refused by filter", extra=self._fields(sender=event.address))
             return refusal
         self.tx = _Transaction(
             sender=event.address,
@@ -321,8 +321,7 @@ class Session:
         if refusal is None:
             refusal = policy.check_recipient(event.address, self.ctx.filters)
         if refusal is not None:
-            log.info("session_id=%s client=%s recipient refused: to=<%s> reply=%d",
-                     self.session_id, self.client_ip, event.address, refusal.code)
+            log.info("recipient refused", extra=self._fields(rcpt=event.address, reply=refusal.code))
             return refusal
         self.tx.recipients.append(event.address)
         return R.R250_RCPT_OK
@@ -333,8 +332,7 @@ class Session:
         throttle = self.ctx.throttle
         if isinstance(event, AuthStart):
             if throttle.blocked(self.throttle_key, time.monotonic()):
-                log.warning("session_id=%s client=%s auth refused: too many failures from this address",
-                            self.session_id, self.client_ip)
+                log.warning("auth refused: too many failures from this address", extra=self._fields())
                 self.proto.reply(event, R.R421_AUTH_FAILURES)
                 return
             nonce = auth.cram_nonce(secrets.randbits(48), int(time.time()))
@@ -357,8 +355,7 @@ class Session:
         mechanism = exchange.mechanism if exchange.mechanism in self.ctx.auth_mechanisms else "other"
         if isinstance(step, auth.Done):
             self.user = step.username
-            log.info("session_id=%s client=%s auth ok mechanism=%s user=%s",
-                     self.session_id, self.client_ip, mechanism, step.username)
+            log.info("auth ok", extra=self._fields(mechanism=mechanism, user=step.username))
             self.proto.reply(event, step.reply)
             return
         if step.reply.code != 535:  # 501/504: a malformed exchange, not a guess
@@ -367,12 +364,11 @@ class Session:
         # A wrong guess. Never log the username: it is often a mistyped password.
         self._auth_failures += 1
         delay = throttle.record_failure(self.throttle_key, time.monotonic())
-        log.warning("session_id=%s client=%s auth failed mechanism=%s failures=%d",
-                    self.session_id, self.client_ip, mechanism, self._auth_failures)
+        log.warning("auth failed", extra=self._fields(mechanism=mechanism, failures=self._auth_failures))
         gevent.sleep(delay)  # this session waits; the hub does not
         self.proto.reply(event, step.reply)
         if throttle.cut_off(self.throttle_key, self._auth_failures, time.monotonic()):
-            log.warning("session_id=%s client=%s too many auth failures: closing", self.session_id, self.client_ip)
+            log.warning("too many auth failures: closing", extra=self._fields())
             self.proto.send(R.R421_AUTH_FAILURES)
 
     def _on_data_start(self) -> None:
@@ -407,20 +403,24 @@ class Session:
         tx, self.tx = self.tx, _Transaction()
         writer = tx.writer
         if writer is None:
-            log.error("session_id=%s cannot spool message: %s", self.session_id, tx.write_error)
+            log.error("cannot spool message", extra=self._fields(error=tx.write_error))
             return R.R451_LOCAL_ERROR
         try:
             self.ctx.spool.commit(writer)
         except SpoolError as exc:
-            log.error("session_id=%s msg_id=%s not queued: %s", self.session_id, writer.msg_id, exc)
+            log.error("not queued", extra=self._fields(msg_id=writer.msg_id, error=str(exc)))
             return R.R451_LOCAL_ERROR
         env = writer.envelope
         self.ctx.accepted.put(writer.msg_id)
-        log.info(
-            "session_id=%s msg_id=%s accepted client=%s from=<%s> rcpts=%d size=%d",
-            self.session_id, writer.msg_id, self.client_ip, env.sender, len(env.recipients), writer.size,
-        )
+        # SPEC §8: one line per accepted message (never its body).
+        log.info("accepted", extra=self._fields(msg_id=writer.msg_id, sender=env.sender,
+                                                rcpts=len(env.recipients), size=writer.size))
+        metrics.emails_received.inc()
         return Reply(250, "2.0.0", f"OK queued as {writer.msg_id}")
+
+    def _fields(self, **more: object) -> dict[str, dict[str, object]]:
+        """`extra=` for this session's log lines: session_id and client, then `more`."""
+        return fields(session_id=self.session_id, client=self.client_ip, **more)
 
     def _fail_write(self, exc: OSError) -> None:
         """Keep reading the message (the client is mid-DATA) and answer 451 at the dot."""

@@ -54,6 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hedwig import metrics
 from hedwig.outcome import (
     BOUNCED,
     DEFERRED,
@@ -183,7 +184,13 @@ class Transport:
     def pooled(self) -> int:
         """Idle connections currently cached (the hedwig_connection_pool_entries gauge)."""
         with self._cond:
-            return sum(len(entries) for entries in self._idle.values())
+            return self._count_idle()
+
+    def _count_idle(self) -> int:
+        """Under the lock, after the idle set changed: how many, also told to the gauge."""
+        count = sum(len(entries) for entries in self._idle.values())
+        metrics.connection_pool_entries.set(count)
+        return count
 
     def close(self) -> None:
         """QUIT and close every pooled connection; busy ones are closed when returned."""
@@ -191,6 +198,7 @@ class Transport:
             self._closed = True
             entries = [e for idle in self._idle.values() for e in idle]
             self._idle.clear()
+            self._count_idle()
         for entry in entries:
             self._quit(entry.conn)
             self._release()
@@ -383,6 +391,7 @@ class Transport:
                     reuse = idle.pop()
                     if not idle:
                         del self._idle[key]
+                    self._count_idle()
                     return reuse, [], False
                 if self._open < self.pool_size:
                     self._open += 1
@@ -405,6 +414,8 @@ class Transport:
                 self._idle[key] = keep
             else:
                 del self._idle[key]
+        if stale:
+            self._count_idle()
         return stale
 
     def _evict(self) -> _Pooled | None:
@@ -418,6 +429,7 @@ class Transport:
             entries.pop(0)
             if not entries:
                 del self._idle[oldest.key]
+            self._count_idle()
         return oldest
 
     def _checkin(self, entry: _Pooled) -> None:
@@ -425,6 +437,7 @@ class Transport:
             if not self._closed:
                 entry.idle_since = time.monotonic()
                 self._idle.setdefault(entry.key, []).append(entry)
+                self._count_idle()
                 self._cond.notify()
                 return
         self._discard(entry)

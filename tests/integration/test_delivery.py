@@ -339,7 +339,7 @@ def test_dns_servfail_defers(hedwig, sinks, dns) -> None:
     ids = {domain: send(proc.port, [f"frank@{domain}"], message(domain))
            for domain in ("servfail.test", "mxservfail.test", "silent.test")}
     for domain, msg_id in ids.items():
-        line = wait_log(proc, rf"msg_id={msg_id} domain={re.escape(domain)} .*outcome=deferred.*$").group(0)
+        line = wait_log(proc, rf"msg_id={msg_id} attempt domain={re.escape(domain)} .*outcome=deferred.*$").group(0)
         assert ("timed out" if domain == "silent.test" else "SERVFAIL") in line, line
 
     def deferred() -> bool:

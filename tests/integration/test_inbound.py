@@ -741,7 +741,8 @@ def test_json_log_lines_and_no_message_bodies_in_logs(hedwig):
     assert secret not in log
     entries = [json.loads(line) for line in log.splitlines() if line and not line.startswith("--- start")]
     assert entries and all({"level", "msg"} <= set(e) for e in entries), entries
-    assert any(msg_id in e["msg"] for e in entries), "no log line for the accepted message"
+    assert any(e.get("msg_id") == msg_id and e["msg"] == "accepted" for e in entries), \
+        "no log line for the accepted message"
 
 
 @pytest.mark.timeout(60)

@@ -133,7 +133,8 @@ class HedwigProcess:
 
     `config` overrides the base config: a dict (deep-merged) or TOML text (parsed,
     then deep-merged). `args` replaces the command line after `hedwig.py`
-    (default `["serve", "--config", <config>]`).
+    (default `["serve", "--config", <config>]`). The child gets this process's
+    environment without its HEDWIG_* variables, plus `env` (e.g. HEDWIG_LOG_LEVEL).
     """
 
     def __init__(
@@ -143,8 +144,10 @@ class HedwigProcess:
         *,
         args: list[str] | None = None,
         umask: int = 0o022,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.umask = umask
+        self.env = dict(env or {})
         self.tmp_dir = Path(tmp_dir)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.spool = self.tmp_dir / "spool"
@@ -167,6 +170,7 @@ class HedwigProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         env = {k: v for k, v in os.environ.items() if not k.startswith("HEDWIG_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         if self._log_file is None:
             self._log_file = open(self.log_path, "ab")
         self._log_file.write(f"--- start {self.starts} ---\n".encode())
