@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     if args["check-config"]:
-        problem = _tls_problem(config) or _dkim_problem(config)
+        from .master import config_problem
+
+        problem = config_problem(config)
         if problem:
             return _fail(problem)
         print(describe(config))
@@ -112,32 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         from .queuetool import main as queue_main
 
         return queue_main(config, args)
-    return _serve(config)
-
-
-def _tls_problem(config) -> str | None:  # type: ignore[no-untyped-def]
-    """Load every listener's certificate and key as serve would; the first problem, or None."""
-    from .listener import TlsSetupError, load_tls_context
-
-    for i, listener in enumerate(config.server.listeners):
-        if listener.tls is not None:
-            try:
-                load_tls_context(listener.tls)
-            except TlsSetupError as exc:
-                return f"config: server.listeners[{i}].tls.{exc.key}: {exc}"
-    return None
-
-
-def _dkim_problem(config) -> str | None:  # type: ignore[no-untyped-def]
-    """Load and try the DKIM key as serve would; the problem, or None."""
-    from .config import ConfigError
-    from .signing import load_signer
-
-    try:
-        load_signer(config)
-    except ConfigError as exc:
-        return str(exc)
-    return None
+    return _serve(config, _config_path(args))
 
 
 def _dkim_generate(args: dict) -> int:
@@ -237,14 +214,9 @@ def _hash_password() -> int:
     return 0
 
 
-def _serve(config) -> int:  # type: ignore[no-untyped-def]
+def _serve(config, path: str) -> int:  # type: ignore[no-untyped-def]
     from . import log
-    from .worker import StartupError, Worker
+    from .master import Master
 
     log.setup(config.log.level, config.log.format)
-    try:
-        worker = Worker(config)
-        worker.start()
-    except StartupError as exc:
-        return _fail(str(exc), exc.code)
-    return worker.serve_forever()
+    return Master(config, path).run()

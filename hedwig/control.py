@@ -4,17 +4,21 @@ Two files under `base_path` carry it:
 
     lock                  the server holds an exclusive flock on it for its whole life
                           (the kernel drops it when the process dies, however it dies)
-    ctl/<uuid>.req        a request from `hedwig queue retry|delete`:
-                          {"op": "delete"|"retry", "id": ID | null, "deadline": epoch}
-    ctl/<uuid>.done       the server's answer: {"ok": bool, "status": ..., "message": ...}
+    ctl/<uuid>.<writer>.req
+                          a request from `hedwig queue retry|delete` for the messages of
+                          one writer: {"op": "delete"|"retry", "id": ID | null, "deadline": epoch}
+    ctl/<uuid>.done       the answer: {"ok": bool, "status": ..., "message": ..., "count": n}
 
 A tool that wants to change the queue first tries the lock without waiting.
 If it gets it, no server runs and the tool changes the journal itself while
 holding the lock (a server starting meanwhile waits for it). If not, it writes
 a request (tmp + rename, so the server never reads half of one) and waits for
-the answer. The server's `Control` greenlet polls ctl/ every POLL seconds,
-claims a request by unlinking it, applies it to its in-memory scheduler and
-spool (the only writers of that spool) and writes the answer.
+the answer. A request is addressed to the writer whose segment holds the
+message (`--all`: one request per writer), because with several workers each
+message belongs to exactly one of them (spool.py, "Ownership"). Each worker's
+`Control` greenlet polls ctl/ every POLL seconds, claims the requests for the
+writers it owns by unlinking them, applies them to its in-memory scheduler
+and spool (the only writer of those journals) and writes the answer.
 
 - delete: if the message is being delivered right now, wait for that attempt
   to end (until shortly before the request's deadline); then, if it is still
@@ -45,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+from gevent import monkey
 from gevent.pool import Group
 
 from .scheduler import Scheduler
@@ -57,9 +62,13 @@ CTL_DIR = "ctl"
 POLL = 0.2  # seconds between looks at ctl/ (server) and at the answer (tool: a quarter of it)
 ANSWER_MARGIN = 1.0  # the server answers this long before a request's deadline
 STALE_AFTER = 60.0  # leftover answers and temporary files older than this are removed
-_REQUEST_NAME = re.compile(r"([0-9a-f]{32})\.req\Z")
+_REQUEST_NAME = re.compile(r"([0-9a-f]{32})\.([a-z0-9]+)\.req\Z")
 
 Answer = dict[str, Any]
+
+
+# The master waits for the lock before any hub exists, and must not start one.
+_blocking_sleep = monkey.get_original("time", "sleep")
 
 
 class SpoolLocked(Exception):
@@ -98,7 +107,7 @@ def hold_lock(base_path: str, wait: float = 5.0) -> int:
         if time.monotonic() >= deadline:
             os.close(fd)
             raise SpoolLocked(f"spool {base_path} is in use by another process (another hedwig on it?)")
-        time.sleep(0.05)
+        _blocking_sleep(0.05)
     return fd
 
 
@@ -146,13 +155,15 @@ def _read_answer(path: str) -> Answer | None:
                                                        "message": "the server's answer is unreadable"}
 
 
-def request(base_path: str, op: str, msg_id: str | None, offline: Callable[[], Answer],
-            timeout: float = 10.0) -> Answer:
+def request(base_path: str, op: str, msg_id: str | None, writers: list[str],
+            offline: Callable[[], Answer], timeout: float = 10.0) -> Answer:
     """Apply `op` through the running server, or call `offline()` under the lock if none runs.
 
-    `offline` is also the way out when the server stops while the tool waits:
-    the request is withdrawn (or was taken: both operations are idempotent) and
-    the tool applies it itself. Returns the answer; never waits much past `timeout`.
+    One request goes to each of `writers` (the owners of the messages concerned);
+    their answers are combined. `offline` is also the way out when the server
+    stops while the tool waits: the requests are withdrawn (or were taken: both
+    operations are idempotent) and the tool applies the change itself. Returns
+    the answer; never waits much past `timeout`.
     """
     fd = _open_lock(base_path)
     try:
@@ -160,27 +171,64 @@ def request(base_path: str, op: str, msg_id: str | None, offline: Callable[[], A
             return offline()
         ctl = os.path.join(base_path, CTL_DIR)
         os.makedirs(ctl, mode=DIR_MODE, exist_ok=True)
-        name = uuid.uuid4().hex
-        req_path = os.path.join(ctl, name + ".req")
-        done_path = os.path.join(ctl, name + ".done")
         deadline = time.time() + timeout
-        body = {"op": op, "id": msg_id, "deadline": deadline}
-        _write_file(req_path, json.dumps(body).encode(), base_path)
-        while time.time() < deadline + ANSWER_MARGIN:
-            answer = _read_answer(done_path)
-            if answer is not None:
-                return answer
-            if _try_flock(fd):  # the server is gone; whatever it did or not, finish here
-                _unlink(req_path)
-                return _read_answer(done_path) or offline()
-            time.sleep(POLL / 4)
-        if _unlink(req_path):
+        body = json.dumps({"op": op, "id": msg_id, "deadline": deadline}).encode()
+        waiting: dict[str, str] = {}  # writer -> uuid of its request
+        for writer in writers:
+            name = uuid.uuid4().hex
+            _write_file(os.path.join(ctl, f"{name}.{writer}.req"), body, base_path)
+            waiting[writer] = name
+        answers: list[Answer] = []
+        log_dir = os.path.join(base_path, "log")
+        while waiting and time.time() < deadline + ANSWER_MARGIN:
+            for writer, name in list(waiting.items()):
+                answer = _read_answer(os.path.join(ctl, name + ".done"))
+                if answer is None and not _has_segments(log_dir, writer):
+                    # Its messages are all gone and nobody may be left to answer.
+                    if _unlink(os.path.join(ctl, f"{name}.{writer}.req")):
+                        answer = {"ok": msg_id is None, "status": "due" if msg_id is None else "not-queued",
+                                  "count": 0, "message": "not in the queue"}
+                if answer is not None:
+                    answers.append(answer)
+                    del waiting[writer]
+            if waiting and _try_flock(fd):  # the server is gone; whatever it did or not, finish here
+                for writer, name in waiting.items():
+                    _unlink(os.path.join(ctl, f"{name}.{writer}.req"))
+                return offline()
+            if waiting:
+                time.sleep(POLL / 4)
+        for writer, name in waiting.items():
+            taken = not _unlink(os.path.join(ctl, f"{name}.{writer}.req"))
+            what = "took the request but did not answer" if taken else "did not take the request"
             return {"ok": False, "status": "no-answer",
-                    "message": f"the server did not take the request within {timeout:g}s; nothing was changed"}
-        return {"ok": False, "status": "no-answer",
-                "message": f"the server took the request but did not answer within {timeout:g}s"}
+                    "message": f"the server {what} within {timeout:g}s"
+                               + ("" if taken or answers else "; nothing was changed")}
+        return _combine(answers, msg_id)
     finally:
         os.close(fd)  # releases the lock if we held it
+
+
+def _has_segments(log_dir: str, writer: str) -> bool:
+    prefix = writer + "-"
+    try:
+        return any(n.startswith(prefix) and n.endswith(".seg") for n in os.listdir(log_dir))
+    except FileNotFoundError:
+        return False
+
+
+def _combine(answers: list[Answer], msg_id: str | None) -> Answer:
+    """One answer from the answers of each writer's owner."""
+    if msg_id is not None or len(answers) == 1:
+        return answers[0] if answers else {"ok": False, "status": "not-queued", "message": "not in the queue"}
+    failed = [a for a in answers if not a.get("ok")]
+    if failed:
+        return failed[0]
+    count = sum(int(a.get("count", 0)) for a in answers)
+    return {"ok": True, "status": "due", "count": count, "message": made_due(count)}
+
+
+def made_due(count: int) -> str:
+    return f"{count} message{'' if count == 1 else 's'} made due now"
 
 
 def _unlink(path: str) -> bool:
@@ -237,8 +285,8 @@ class Control:
             return
         for name in names:
             m = _REQUEST_NAME.match(name)
-            if not m:
-                continue
+            if not m or m.group(2) not in self.spool.owned:
+                continue  # another worker's (or nobody's yet: the one adopting it answers)
             path = os.path.join(self.ctl_dir, name)
             try:
                 with open(path, "rb") as f:
@@ -303,9 +351,7 @@ class Control:
         if msg_id is None:
             moved = self.scheduler.make_all_due()
             self._journal(moved)
-            n = len(moved)
-            return {"ok": True, "status": "due", "count": n,
-                    "message": f"{n} message{'' if n == 1 else 's'} made due now"}
+            return {"ok": True, "status": "due", "count": len(moved), "message": made_due(len(moved))}
         if msg_id not in self.spool.entries or msg_id in self._deleting:
             return {"ok": False, "status": "not-queued", "message": "not in the queue"}
         if msg_id in self.scheduler.claimed:

@@ -78,10 +78,10 @@ def load_tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-def bind(listener: ListenerConfig, backlog: int = 1024) -> socket.socket:
-    """A listening socket for `listener` (the master binds, workers inherit)."""
+def bind(listener: ListenerConfig, socket_class: type = socket.socket, backlog: int = 1024) -> socket.socket:
+    """A listening socket for `listener` (the master binds, with the unpatched class; workers inherit)."""
     family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket_class(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -50,6 +50,7 @@ from .spool import (
     list_segments,
     load_journal,
     read_payload,
+    writer_of,
 )
 
 STATES = ("queued", "deferred", "bounced", "quarantined")
@@ -321,17 +322,13 @@ def retry_offline(base_path: str, msg_id: str | None, fsync: bool) -> control.An
     _append_lines(base_path, lines, fsync)
     count = sum(len(v) for v in lines.values())
     if msg_id is None:
-        return {"ok": True, "status": "due", "count": count, "message": made_due(count)}
+        return {"ok": True, "status": "due", "count": count, "message": control.made_due(count)}
     if count:
         return {"ok": True, "status": "due", "count": 1, "message": "due now"}
     return {"ok": True, "status": "already-due", "message": "already due"}
 
 
 # -- printing ---------------------------------------------------------------------------------
-
-
-def made_due(count: int) -> str:
-    return f"{count} message{'' if count == 1 else 's'} made due now"
 
 
 def _iso(t: float | None) -> str | None:
@@ -533,14 +530,20 @@ def _change(base_path: str, op: str, msg_id: str | None, fsync: bool) -> int:
     command = f"queue {op}"
     if not os.path.isdir(os.path.join(base_path, "log")):  # never started: nothing is queued
         if msg_id is None:
-            print(made_due(0))
+            print(control.made_due(0))
             return 0
         raise QueueToolError(f"{command}: {msg_id}: not in the queue")
+    # Each message belongs to the worker owning its segment's writer: ask that one.
+    if msg_id is None:
+        writers = sorted({writer for writer, _seq, _path in list_segments(os.path.join(base_path, "log"))})
+    else:
+        msg = find(base_path, msg_id)
+        writers = [writer_of(msg.loc.path)] if msg is not None and msg.loc is not None else []
     if op == "delete":
         assert msg_id is not None
-        answer = control.request(base_path, op, msg_id, lambda: delete_offline(base_path, msg_id, fsync))
+        answer = control.request(base_path, op, msg_id, writers, lambda: delete_offline(base_path, msg_id, fsync))
     else:
-        answer = control.request(base_path, op, msg_id, lambda: retry_offline(base_path, msg_id, fsync))
+        answer = control.request(base_path, op, msg_id, writers, lambda: retry_offline(base_path, msg_id, fsync))
     message = str(answer.get("message") or answer.get("status"))
     if answer.get("ok"):
         print(message if msg_id is None else f"{msg_id}: {message}")

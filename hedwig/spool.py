@@ -4,8 +4,11 @@ Layout under `base_path` (directories 0700, files 0600):
 
     log/<writer>-<seq>.seg   append-only segments; a writer (one per worker) appends
                              only to its newest segment and never touches the others
-    tmp/<id>.part            a big message being received (spilled from memory);
-                             leftovers at start are junk and removed
+    log/<writer>.lock        a worker holds an exclusive flock on it for every writer
+                             it owns: its own, and those of dead workers it adopted
+    tmp/<writer>.<id>.part   a big message being received (spilled from memory);
+                             junk once its writer has no live owner: the next owner
+                             (or adopter) removes it
     quarantine/<id>.rec      a record that failed its checksum, with <id>.reason
 
 A segment is a sequence of records. Each record is a fixed header followed by
@@ -40,6 +43,15 @@ batch is syncing form the next batch. A failed write or sync is never retried
 (the kernel may have dropped the dirty pages): the spool turns unhealthy and
 refuses new mail until restart.
 
+Ownership (several workers, SPEC §9): each worker process owns a set of
+writers, proven by holding the flock on `log/<writer>.lock`, and with them
+every message in their segments: only the owner journals, delivers or
+reclaims them. At open a worker takes the lowest free writer name (`w0`,
+`w1`, ...) and loads its segments; `adopt_orphans()` then takes any writer
+whose lock nobody holds (its worker died, or finished after a reload) and
+loads those segments too. The kernel drops a dead process's flocks, so a
+killed worker's messages are picked up by the next look of a live worker.
+
 Must not: speak SMTP, build paths from client input (ids are ours), or block
 the hub on a write of many bytes or on a sync.
 """
@@ -47,6 +59,8 @@ the hub on a write of many bytes or on a sync.
 from __future__ import annotations
 
 import base64
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -75,6 +89,8 @@ SEGMENT_MAX = 64 * 1024 * 1024  # rotate after this many bytes
 SPILL_AT = 256 * 1024  # messages larger than this are received into tmp/
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _SEGMENT_NAME = re.compile(r"([a-z0-9]+)-([0-9a-f]{16})\.seg\Z")
+_LOCK_NAME = re.compile(r"([a-z0-9]+)\.lock\Z")
+_WRITER_NAME = re.compile(r"[a-z0-9]+")
 
 
 class SpoolError(Exception):
@@ -214,6 +230,27 @@ def list_segments(log_dir: str) -> list[tuple[str, int, str]]:
     return out
 
 
+def writer_of(segment_path: str) -> str:
+    """The writer name a segment belongs to ("w0" for log/w0-000...1.seg)."""
+    m = _SEGMENT_NAME.match(os.path.basename(segment_path))
+    if m is None:
+        raise ValueError(f"not a segment: {segment_path}")
+    return m.group(1)
+
+
+def try_lock(path: str) -> int:
+    """An fd holding an exclusive flock on `path` (created 0600), or -1 if another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return -1
+        raise
+    return fd
+
+
 def _apply_state(entry: QueueEntry, state: dict) -> None:
     entry.attempts = int(state.get("attempts", 0))
     entry.due = float(state.get("due", 0.0))
@@ -253,7 +290,7 @@ class MessageWriter:
             return
         self._parts.append(data)
         if self.size > SPILL_AT:
-            self.spill_path = os.path.join(self.spool.tmp_dir, self.msg_id + ".part")
+            self.spill_path = self.spool.tmp_path(self.msg_id + ".part")
             self.spill_fd = os.open(self.spill_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             _write_all(self.spill_fd, b"".join(self._parts))
             self._parts.clear()
@@ -353,11 +390,12 @@ class _Job:
 
 
 class Spool:
-    def __init__(self, base_path: str, *, fsync: bool = True, disk_reserve: int = 0, writer: str = "w0") -> None:
+    def __init__(self, base_path: str, *, fsync: bool = True, disk_reserve: int = 0) -> None:
         self.base_path = base_path
         self.fsync = fsync
         self.disk_reserve = disk_reserve
-        self.writer = writer
+        self.writer = ""  # this process's own writer name, chosen at open()
+        self.owned: dict[str, int] = {}  # writer -> fd of its held lock (own and adopted)
         self.log_dir = os.path.join(base_path, "log")
         self.tmp_dir = os.path.join(base_path, "tmp")
         self.bounced_dir = os.path.join(base_path, "bounced")
@@ -382,14 +420,56 @@ class Spool:
     # -- setup -----------------------------------------------------------------
 
     def open(self) -> None:
-        """Create or check the layout, find every queued message, start the committer.
+        """Create or check the layout, take a writer, find its queued messages, start the committer.
 
         Raises OSError. Reads record headers and journals only, never message bodies.
+        Writers left by dead workers are not loaded here: see adopt_orphans().
         """
         for path in (self.base_path, self.log_dir, self.tmp_dir, self.bounced_dir, self.quarantine_dir):
             os.makedirs(path, mode=DIR_MODE, exist_ok=True)
         os.chmod(self.base_path, DIR_MODE)
-        for writer, seq, path in list_segments(self.log_dir):
+        for i in range(10_000):
+            fd = try_lock(os.path.join(self.log_dir, f"w{i}.lock"))
+            if fd >= 0:
+                self.writer = f"w{i}"
+                self.owned[self.writer] = fd
+                break
+        else:
+            raise OSError(errno.EBUSY, "every writer name is taken")
+        self._load(self.writer)
+        self._committer = gevent.spawn(self._run_committer)
+        if self._reclaim:
+            self._wakeup.set()
+
+    def adopt_orphans(self) -> list[QueueEntry]:
+        """Take every writer no live process owns; returns the queued messages found in them.
+
+        A worker calls this at start and then every second or so. Never reads bodies.
+        """
+        names = {w for w, _seq, _path in list_segments(self.log_dir)}
+        try:
+            names.update(m.group(1) for m in map(_LOCK_NAME.match, os.listdir(self.log_dir)) if m)
+        except FileNotFoundError:
+            return []
+        found: list[QueueEntry] = []
+        for writer in sorted(names - set(self.owned)):
+            fd = try_lock(os.path.join(self.log_dir, f"{writer}.lock"))
+            if fd < 0:
+                continue
+            self.owned[writer] = fd
+            found += self._load(writer)
+        if found:
+            log.info("adopted %d queued messages from writers nobody owned", len(found))
+        if self._reclaim:
+            self._wakeup.set()
+        return found
+
+    def _load(self, writer: str) -> list[QueueEntry]:
+        """Read the segments of a writer this process now owns: their queued messages."""
+        found = []
+        for name, seq, path in list_segments(self.log_dir):
+            if name != writer:
+                continue
             if writer == self.writer:
                 self._seg_seq = max(self._seg_seq, seq)
             states, done = load_journal(journal_path(path), repair=True)
@@ -402,14 +482,13 @@ class Spool:
                 if state:
                     _apply_state(entry, state)
                 self.entries[loc.msg_id] = entry
+                found.append(entry)
                 live += 1
             if live:
                 self._live[path] = live
             else:
                 self._reclaim.append(path)
-        self._committer = gevent.spawn(self._run_committer)
-        if self._reclaim:
-            self._wakeup.set()
+        return found
 
     def close(self) -> None:
         """Stop the committer once the jobs already waiting are durable."""
@@ -423,11 +502,25 @@ class Spool:
                 os.close(fd)
         self._seg_fd = -1
         self._journal_fds.clear()
+        for fd in self.owned.values():  # last: our writers go to whoever looks next
+            os.close(fd)
+        self.owned.clear()
+
+    def tmp_path(self, name: str) -> str:
+        """A scratch file of this process's under tmp/ (its writer's name first)."""
+        return os.path.join(self.tmp_dir, f"{self.writer}.{name}")
 
     def clean_tmp(self) -> int:
-        """Remove messages whose receipt never finished (never acknowledged)."""
+        """Remove files of receipts that never finished (never acknowledged) and other scratch.
+
+        Only files of writers this process owns, and files that name no writer
+        (left by older versions); another live worker's files are its own.
+        """
         removed = 0
         for name in os.listdir(self.tmp_dir):
+            writer, dot, rest = name.partition(".")
+            if _WRITER_NAME.fullmatch(writer) and "." in rest and writer not in self.owned:
+                continue
             try:
                 os.unlink(os.path.join(self.tmp_dir, name))
                 removed += 1
@@ -495,7 +588,7 @@ class Spool:
 
     def _write_file(self, path: str, data: bytes) -> None:
         """A whole file, 0600, synced when fsync is on: written under tmp/, then renamed in."""
-        tmp = os.path.join(self.tmp_dir, os.path.basename(path))
+        tmp = self.tmp_path(os.path.basename(path))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
             _write_all(fd, data)

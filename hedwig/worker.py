@@ -1,12 +1,23 @@
-"""One worker process: opens the spool, starts the listeners, stops gracefully.
+"""One worker process: opens the spool, serves the inherited listeners, stops gracefully.
 
-It wires the pieces together and owns the process's life: SIGTERM or SIGINT
-stops accepting, tells idle sessions `421 4.3.2`, lets sessions in the middle
-of a message finish (up to a grace period) and returns 0. Messages found in
-the spool at start and messages accepted since go onto `accepted`, the queue
-that delivery consumes.
+The master (master.py) binds the sockets, holds the spool lock and forks the
+workers; each runs one of these. It wires the pieces together and owns the
+process's life:
 
-Must not: parse SMTP or decide policy.
+- SIGTERM or SIGINT: stop accepting, tell idle sessions `421 4.3.2`, let
+  sessions in the middle of a message finish (up to a grace period), let
+  deliveries in flight end, return 0.
+- SIGHUP (the master retiring this worker after a reload): stop accepting and
+  let every open session run to its end (at most RETIRE_LIMIT), delivering
+  meanwhile; then stop as above. New workers serve the listeners already.
+
+Every TICK it tells the master it lives (one status byte on the heartbeat
+pipe: S starting, R ready, F spool full, U spool unhealthy, D stopping), adopts
+the spool writers of workers that died (spool.py, "Ownership") and sets the
+queue depth gauge. Messages found in the spool at start, adopted later and
+accepted since go onto the scheduler that delivery consumes.
+
+Must not: parse SMTP, decide policy, or fork.
 """
 
 from __future__ import annotations
@@ -24,10 +35,10 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.queue import Queue
 
-from . import policy
+from . import metrics, policy
 from .config import Config, ConfigError
-from .control import Control, SpoolLocked, hold_lock
-from .listener import Listener, TlsSetupError, bind, load_tls_context
+from .control import Control
+from .listener import Listener, TlsSetupError, load_tls_context
 from .session import SessionContext, Shutdown
 from .smtp.protocol import Limits
 from .delivery import Delivery
@@ -41,6 +52,8 @@ from .transport import Transport
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 8.0  # seconds for sessions mid-message once SIGTERM arrived
+RETIRE_LIMIT = 600.0  # seconds a retired worker's open sessions may still run
+TICK = 1.0  # seconds between heartbeats (and looks for orphaned writers)
 
 
 class StartupError(Exception):
@@ -56,7 +69,7 @@ class StartupError(Exception):
 
 
 class Worker:
-    def __init__(self, config: Config, sockets: list[socket.socket] | None = None) -> None:
+    def __init__(self, config: Config, sockets: list[socket.socket], heartbeat_fd: int = -1) -> None:
         self.config = config
         server = config.server
         self.spool = Spool(config.storage.base_path, fsync=config.storage.fsync, disk_reserve=server.disk_reserve)
@@ -86,14 +99,20 @@ class Worker:
             signer = load_signer(config)
         except ConfigError as exc:
             raise StartupError(str(exc), code=2) from None
+        # With N workers each enforces limit / N (SPEC §7: the limits hold in total).
+        limiter = make_limiter(server.rate_limits, workers=server.workers)
         self.delivery = Delivery(config, self.spool, self.scheduler, self.resolver, self.transport,
-                                 limiter=make_limiter(server.rate_limits), signer=signer)
+                                 limiter=limiter, signer=signer)
         self.control = Control(self.spool, self.scheduler)  # `hedwig queue retry|delete`
-        self._lock_fd = -1
         self._feeder: gevent.Greenlet | None = None
+        self._tender: gevent.Greenlet | None = None
         self._sockets = sockets
+        self._heartbeat_fd = heartbeat_fd
+        self._master_pid = os.getppid()
+        self._status = b"S"
         self.listeners: list[Listener] = []
         self._stop = Event()
+        self._retire = Event()
 
     def start(self) -> None:
         server = self.config.server
@@ -108,43 +127,31 @@ class Worker:
                 tls_contexts.append(load_tls_context(lc.tls))
             except TlsSetupError as exc:
                 raise StartupError(f"config: server.listeners[{i}].tls.{exc.key}: {exc}", code=2) from None
-        if server.workers > 1:
-            log.warning("workers = %d: pre-forked workers are not supported by this version yet; "
-                        "running one process", server.workers)
         _raise_fd_limit(server.max_connections)
         try:
-            # Held for the life of the process: queue tools see a server runs,
-            # and a second server on this spool is refused.
-            self._lock_fd = hold_lock(self.config.storage.base_path)
+            # The master holds base_path/lock; this process takes a writer of its
+            # own and then whatever writers dead workers left behind.
             self.spool.open()
-        except SpoolLocked as exc:
-            raise StartupError(str(exc)) from None
+            self.spool.adopt_orphans()
         except OSError as exc:
             raise StartupError(f"cannot open spool {self.config.storage.base_path}: {exc.strerror or exc}") from exc
         removed = self.spool.clean_tmp()
         queued = self.spool.scan()
         self.scheduler.add_all(self.spool.entries[msg_id] for msg_id in queued)
-        log.info("spool %s: %d queued, %d unfinished removed", self.spool.base_path, len(queued), removed)
+        log.info("spool %s: %d queued, %d unfinished removed; writer %s",
+                 self.spool.base_path, len(queued), removed, self.spool.writer)
         self.delivery.start()
         self._feeder = gevent.spawn(self._feed)
         try:
             self.control.start()
         except OSError as exc:
             raise StartupError(f"cannot open spool {self.config.storage.base_path}: {exc.strerror or exc}") from exc
-        sockets = self._sockets
-        if sockets is None:
-            sockets = []
-            for lc in self.config.server.listeners:
-                try:
-                    sockets.append(bind(lc))
-                except OSError as exc:
-                    for s in sockets:
-                        s.close()
-                    raise StartupError(f"cannot listen on {lc.addr}: {exc.strerror or exc}") from exc
-        for lc, sock, tls_context in zip(self.config.server.listeners, sockets, tls_contexts):
+        for lc, sock, tls_context in zip(self.config.server.listeners, self._sockets, tls_contexts):
             self.listeners.append(Listener(lc, sock, self.ctx, self.pool, tls_context))
         for listener in self.listeners:
             listener.start()
+        self._status = b"R"
+        self._tender = gevent.spawn(self._tend)
 
     def _feed(self) -> None:
         """Newly accepted messages go to the scheduler as soon as they are durable."""
@@ -153,18 +160,59 @@ class Worker:
             if entry is not None:
                 self.scheduler.add(entry)
 
+    def _tend(self) -> None:
+        """Every TICK: heartbeat, adopt orphaned writers, queue depth; leave if the master died."""
+        while True:
+            if os.getppid() != self._master_pid:
+                log.error("the master is gone: stopping")
+                self.request_stop()
+            adopted = self.spool.adopt_orphans()
+            if adopted:
+                self.scheduler.add_all(adopted)
+                self.spool.clean_tmp()
+            if self._status in b"RFU":
+                self._status = b"U" if not self.spool.healthy else b"R" if self.spool.has_room() else b"F"
+            self._beat()
+            metrics.queue_depth.set(len(self.spool.entries))
+            gevent.sleep(TICK)
+
+    def _beat(self) -> None:
+        if self._heartbeat_fd < 0:
+            return
+        try:
+            os.write(self._heartbeat_fd, self._status)
+        except BlockingIOError:
+            pass  # the master is busy; it reads the next one
+        except OSError:
+            self._heartbeat_fd = -1
+
     def request_stop(self) -> None:
         self._stop.set()
 
     def serve_forever(self) -> int:
         gevent.signal_handler(signal.SIGTERM, self.request_stop)
         gevent.signal_handler(signal.SIGINT, self.request_stop)
-        self._stop.wait()
+        gevent.signal_handler(signal.SIGHUP, self._retire.set)
+        self._beat()
+        gevent.wait([self._stop, self._retire], count=1)
+        if self._retire.is_set() and not self._stop.is_set():
+            self.retire()
         self.stop()
         return 0
 
+    def retire(self) -> None:
+        """Replaced after a reload: serve no new connections, let the open ones end by themselves."""
+        log.info("retiring: %d open sessions may finish", len(self.ctx.sessions))
+        for listener in self.listeners:
+            listener.stop_accepting()
+        deadline = time.monotonic() + RETIRE_LIMIT
+        while len(self.pool) and not self._stop.is_set() and time.monotonic() < deadline:
+            self._stop.wait(timeout=0.2)
+
     def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         log.info("stopping: %d open sessions", len(self.ctx.sessions))
+        self._status = b"D"
+        self._beat()
         self.ctx.stopping = True
         for listener in self.listeners:
             listener.stop_accepting()
@@ -175,15 +223,14 @@ class Worker:
         if not self.pool.join(timeout=grace):
             log.warning("grace period over: closing %d sessions", len(self.pool))
             self.pool.kill(timeout=1)
-        if self._feeder is not None:
-            self._feeder.kill()
+        for greenlet in (self._feeder, self._tender):
+            if greenlet is not None:
+                greenlet.kill()
         self.control.stop()
         self.delivery.stop(max(deadline - time.monotonic(), 0.5))
         self.transport.close()
-        self.spool.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # only now may a queue tool change the journals itself
-            self._lock_fd = -1
+        self.spool.close()  # our writers go to whichever worker looks next
+        metrics.queue_depth.set(0)
         log.info("stopped")
 
 

@@ -196,7 +196,8 @@ def _peak_rss_kib(pid: int) -> int:
 
 def test_10mb_header_line(relay) -> None:
     proc, sink = relay
-    before = _peak_rss_kib(proc.pid)
+    worker, = proc.wait_workers(1)  # the process that receives the line
+    before = _peak_rss_kib(worker)
     with session(proc.port) as c:
         start_data(c)
         chunk = b"a" * 65536
@@ -209,7 +210,7 @@ def test_10mb_header_line(relay) -> None:
         send_good(c)
         c.cmd("QUIT", 221)
     sink_gets_only_the_good_ones(sink, 1)
-    grown = _peak_rss_kib(proc.pid) - before
+    grown = _peak_rss_kib(worker) - before
     assert grown < 8 * 1024, f"peak RSS grew by {grown} KiB for a 10 MB line"
     wait_until(lambda: tmp_files(proc.spool) == [], 5, what="tmp/ empty")
 

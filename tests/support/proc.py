@@ -193,6 +193,24 @@ class HedwigProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    def worker_pids(self) -> list[int]:
+        """The master's children (its workers), from /proc."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def wait_workers(self, count: int, timeout: float = 10.0, exclude: tuple[int, ...] = ()) -> list[int]:
+        """Poll until the master has `count` workers (none of them in `exclude`); their pids."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = [p for p in self.worker_pids() if p not in exclude]
+            if len(pids) == count and len(self.worker_pids()) == count:
+                return pids
+            time.sleep(0.05)
+        raise TimeoutError(f"{count} workers not there after {timeout}s: {self.worker_pids()}\n{self.log_text()}")
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

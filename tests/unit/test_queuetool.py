@@ -280,15 +280,15 @@ def test_requests_to_a_running_server_delete_and_retry(spool):
         defer(spool, gone, time.time() + 3600)
         scheduler.add_all([spool.entries[keep], spool.entries[gone]])
 
-        answer = serve_while(lambda: control.request(base, "delete", gone, offline_must_not_run), spool, scheduler)
+        answer = serve_while(lambda: control.request(base, "delete", gone, [spool.writer], offline_must_not_run), spool, scheduler)
         assert answer["status"] == "deleted"
         assert gone not in spool.entries and load_journal(journal_path(spool.entries[keep].loc.path))[1] == {
             gone: "deleted"}
 
-        answer = serve_while(lambda: control.request(base, "delete", gone, offline_must_not_run), spool, scheduler)
+        answer = serve_while(lambda: control.request(base, "delete", gone, [spool.writer], offline_must_not_run), spool, scheduler)
         assert answer["status"] == "not-queued"
 
-        answer = serve_while(lambda: control.request(base, "retry", keep, offline_must_not_run), spool, scheduler)
+        answer = serve_while(lambda: control.request(base, "retry", keep, [spool.writer], offline_must_not_run), spool, scheduler)
         assert answer["status"] == "due"
         assert scheduler.take(timeout=0).msg_id == keep and scheduler.take(timeout=0) is None
         states, _done = load_journal(journal_path(spool.entries[keep].loc.path))
@@ -314,7 +314,7 @@ def test_delete_waits_for_the_attempt_in_flight(spool):
 
         gevent.spawn(attempt_ends_deferred)
         started = time.monotonic()
-        answer = serve_while(lambda: control.request(base, "delete", msg_id, offline_must_not_run),
+        answer = serve_while(lambda: control.request(base, "delete", msg_id, [spool.writer], offline_must_not_run),
                              spool, scheduler)
         assert answer["status"] == "deleted" and time.monotonic() - started >= 0.7
         assert msg_id not in spool.entries and len(scheduler) == 0
@@ -330,7 +330,7 @@ def test_an_attempt_that_outlasts_the_request_is_not_cut_off_and_nothing_is_dele
         msg_id = accept(spool)
         scheduler.add(spool.entries[msg_id])
         scheduler.take(timeout=0)  # and never released
-        answer = serve_while(lambda: control.request(base, "delete", msg_id, offline_must_not_run, timeout=2),
+        answer = serve_while(lambda: control.request(base, "delete", msg_id, [spool.writer], offline_must_not_run, timeout=2),
                              spool, scheduler)
         assert answer["ok"] is False and answer["status"] == "busy"
         assert msg_id in spool.entries and msg_id in scheduler.claimed
@@ -346,7 +346,7 @@ def test_a_request_past_its_deadline_is_dropped(spool):
     ctl = control.Control(spool, scheduler)
     ctl.start()
     try:
-        with open(os.path.join(ctl_dir, "0" * 32 + ".req"), "w") as f:
+        with open(os.path.join(ctl_dir, "0" * 32 + f".{spool.writer}.req"), "w") as f:
             json.dump({"op": "delete", "id": msg_id, "deadline": time.time() - 1}, f)
         deadline = time.monotonic() + 5
         while os.listdir(ctl_dir) and time.monotonic() < deadline:
@@ -367,7 +367,7 @@ def test_with_no_server_the_tool_works_offline_under_the_lock(tmp_path):
             control.hold_lock(base, wait=0.2)
         return {"ok": True, "status": "deleted"}
 
-    assert control.request(base, "delete", new_id(), offline)["status"] == "deleted"
+    assert control.request(base, "delete", new_id(), ["w0"], offline)["status"] == "deleted"
     assert seen == [True]
     os.close(control.hold_lock(base, wait=0))  # released afterwards
 
@@ -386,8 +386,10 @@ def test_a_server_holding_the_lock_keeps_a_second_one_out(tmp_path):
 def test_a_tool_whose_server_goes_away_finishes_offline(tmp_path):
     base = str(tmp_path / "spool")
     fd = control.hold_lock(base)
+    os.makedirs(os.path.join(base, "log"))
+    open(os.path.join(base, "log", "w0-0000000000000001.seg"), "wb").close()  # w0 has messages
     threading.Timer(0.5, os.close, (fd,)).start()  # the server dies without answering
     started = time.monotonic()
-    answer = control.request(base, "retry", None, lambda: {"ok": True, "status": "offline"}, timeout=10)
+    answer = control.request(base, "retry", None, ["w0"], lambda: {"ok": True, "status": "offline"}, timeout=10)
     assert answer["status"] == "offline" and time.monotonic() - started < 3
     assert [n for n in os.listdir(os.path.join(base, control.CTL_DIR)) if n.endswith(".req")] == []
