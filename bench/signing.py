@@ -37,6 +37,7 @@ import base64
 import datetime
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -184,7 +185,7 @@ def main() -> int:
     import cryptography
     n_lines = message.count(b"\r\n")
     lines = [
-        f"Command: `{' '.join(['python bench/signing.py', *sys.argv[1:]])}`",
+        f"Command: `{shlex.join(['python', 'bench/signing.py', *sys.argv[1:]])}`",
         "",
         f"- CPU: {model}, pinned to CPU {cpu} (nproc {os.cpu_count()}); kernel {platform.release()}",
         f"- Python {platform.python_version()}, dkimpy {_version('dkimpy')}, cryptography {cryptography.__version__}, "
