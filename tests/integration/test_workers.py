@@ -273,3 +273,39 @@ def test_queue_tools_against_two_workers(hedwig, sinks) -> None:
     assert ok(queue(proc, "retry", "--all")).strip() == "2 messages made due now"
     wait_until(lambda: all(e["attempts"] == 2 for e in listing(proc)), 15, what="second attempts")
     assert {e["id"] for e in listing(proc)} == set(ids) - set(gone)
+
+
+def test_sighup_reads_the_certificates_again(hedwig, tmp_path) -> None:
+    import shutil
+    import ssl
+
+    from tests.support.certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    cert, key = tmp_path / "live.crt", tmp_path / "live.key"
+    shutil.copy(certs.cert, cert)
+    shutil.copy(certs.key, key)
+    proc = hedwig({"server": {"workers": 2, "listeners": [{"addr": f"{HOST}:{free_port()}",
+                                                          "tls": {"cert_path": str(cert), "key_path": str(key),
+                                                                  "mode": "starttls"}}]}}, ready=False)
+    proc.port = int(proc.config["server"]["listeners"][0]["addr"].rsplit(":", 1)[1])
+    proc.wait_ready()
+
+    def served_cert() -> bytes:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        with smtplib.SMTP(HOST, proc.port, timeout=5) as s:
+            s.starttls(context=context)
+            return s.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+
+    def pem_der(path) -> bytes:  # type: ignore[no-untyped-def]
+        return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+    assert served_cert() == pem_der(certs.cert)
+    old = proc.wait_workers(2)
+    shutil.copy(certs.bad_cert, cert)
+    shutil.copy(certs.bad_key, key)
+    proc.signal(signal.SIGHUP)
+    wait_until(lambda: not set(proc.worker_pids()) & set(old) and len(proc.worker_pids()) == 2, 15,
+               what="the new generation alone")
+    assert served_cert() == pem_der(certs.bad_cert)
