@@ -89,7 +89,6 @@ SEGMENT_MAX = 64 * 1024 * 1024  # rotate after this many bytes
 SPILL_AT = 256 * 1024  # messages larger than this are received into tmp/
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _SEGMENT_NAME = re.compile(r"([a-z0-9]+)-([0-9a-f]{16})\.seg\Z")
-_LOCK_NAME = re.compile(r"([a-z0-9]+)\.lock\Z")
 _WRITER_NAME = re.compile(r"[a-z0-9]+")
 
 
@@ -442,17 +441,18 @@ class Spool:
             self._wakeup.set()
 
     def adopt_orphans(self) -> list[QueueEntry]:
-        """Take every writer no live process owns; returns the queued messages found in them.
+        """Take every writer with segments that no live process owns; returns their queued messages.
 
-        A worker calls this at start and then every second or so. Never reads bodies.
+        A worker calls this at start and then every second or so. Adopted
+        writers whose segments are all gone are let go again, so their names
+        are free for new workers and the number of lock files stays bounded.
+        Never reads bodies.
         """
-        names = {w for w, _seq, _path in list_segments(self.log_dir)}
-        try:
-            names.update(m.group(1) for m in map(_LOCK_NAME.match, os.listdir(self.log_dir)) if m)
-        except FileNotFoundError:
-            return []
+        on_disk = {w for w, _seq, _path in list_segments(self.log_dir)}
+        for writer in [w for w in self.owned if w != self.writer and w not in on_disk]:
+            os.close(self.owned.pop(writer))
         found: list[QueueEntry] = []
-        for writer in sorted(names - set(self.owned)):
+        for writer in sorted(on_disk - set(self.owned)):
             fd = try_lock(os.path.join(self.log_dir, f"{writer}.lock"))
             if fd < 0:
                 continue

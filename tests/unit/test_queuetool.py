@@ -393,3 +393,20 @@ def test_a_tool_whose_server_goes_away_finishes_offline(tmp_path):
     answer = control.request(base, "retry", None, ["w0"], lambda: {"ok": True, "status": "offline"}, timeout=10)
     assert answer["status"] == "offline" and time.monotonic() - started < 3
     assert [n for n in os.listdir(os.path.join(base, control.CTL_DIR)) if n.endswith(".req")] == []
+
+
+def test_a_request_for_another_workers_writer_is_left_for_it(spool):
+    ctl_dir = os.path.join(spool.base_path, control.CTL_DIR)
+    scheduler = Scheduler()
+    msg_id = accept(spool)
+    scheduler.add(spool.entries[msg_id])
+    ctl = control.Control(spool, scheduler)
+    ctl.start()
+    try:
+        name = os.path.join(ctl_dir, "1" * 32 + ".w7.req")
+        with open(name, "w") as f:
+            json.dump({"op": "delete", "id": msg_id, "deadline": time.time() + 10}, f)
+        gevent.sleep(3 * control.POLL)
+        assert os.path.exists(name) and msg_id in spool.entries  # w7's owner answers it, not us
+    finally:
+        ctl.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import gevent
 import pytest
@@ -293,3 +294,58 @@ def test_bounced_message_kept_as_readable_files(spool):
     assert open(path, "rb").read() == b"Subject: lost\r\n\r\nbody\r\n"
     assert open(path[:-4] + ".reason").read() == "<x@y.test>: 550 no such user\n"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+# -- ownership: several workers on one spool -----------------------------------------------
+
+
+def test_each_open_spool_takes_its_own_writer_and_adopts_a_closed_ones_messages(tmp_path):
+    base = str(tmp_path / "spool")
+    first, second = Spool(base), Spool(base)
+    first.open()
+    second.open()
+    try:
+        assert (first.writer, second.writer) == ("w0", "w1")  # flock: one owner per name
+        mine = [accept(second, b"second's\r\n", i) for i in range(3)]
+        theirs = [accept(first, b"first's\r\n", i) for i in range(5)]
+        assert second.adopt_orphans() == []  # w0 is held: nothing to take
+        spill = os.path.join(first.tmp_dir, "w0.junk.part")
+        open(spill, "wb").close()
+        first.close()  # as a worker's death drops its flocks
+        adopted = second.adopt_orphans()
+        assert sorted(e.msg_id for e in adopted) == sorted(theirs)
+        assert set(second.owned) == {"w0", "w1"} and second.writer == "w1"
+        assert sorted(second.entries) == sorted(mine + theirs)
+        assert second.clean_tmp() == 1 and not os.path.exists(spill)
+        # Once everything adopted is done, its segment goes and the name is let go.
+        for entry in adopted:
+            second.finish(entry, "delivered")
+        deadline = time.monotonic() + 5
+        while any(w == "w0" for w, _s, _p in list_segments(second.log_dir)) and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        assert second.adopt_orphans() == [] and set(second.owned) == {"w1"}
+        third = Spool(base)
+        third.open()
+        try:
+            assert third.writer == "w0" and third.entries == {}  # a free name, nothing in it
+        finally:
+            third.close()
+    finally:
+        second.close()
+
+
+def test_tmp_files_of_another_live_writer_are_left_alone(tmp_path):
+    base = str(tmp_path / "spool")
+    first, second = Spool(base), Spool(base)
+    first.open()
+    second.open()
+    try:
+        theirs = os.path.join(first.tmp_dir, "w0.06H1C2HNWGTK9PX37FBTSP723C.part")
+        legacy = os.path.join(first.tmp_dir, "06H1C2HNWGTK9PX37FBTSP723C.part")
+        for path in (theirs, legacy):
+            open(path, "wb").close()
+        assert second.clean_tmp() == 1  # the legacy one; w0's belongs to a live worker
+        assert os.path.exists(theirs) and not os.path.exists(legacy)
+    finally:
+        first.close()
+        second.close()
