@@ -6,8 +6,11 @@ Postfix's `smtp-source` against it, and records:
 
 - msg/s            messages / wall time of the smtp-source run
 - server CPU ms/msg utime+stime of the server process and its descendants
-                   (from /proc/PID/stat, reaped children included), sampled
-                   just before and just after the smtp-source run
+                   (Hedwig: the master and its workers; from /proc/PID/stat,
+                   reaped children included), sampled just before and just
+                   after the smtp-source run
+- peak RSS, PSS    the largest sum of VmHWM over the server's process tree,
+                   sampled every 0.2 s, and the sum of Pss at the end (TreeMemory)
 - client CPU ms/msg the same for smtp-source (its rusage), since client and
                    server share the machine's CPUs
 - landed           messages actually found in the spool after the server
@@ -18,11 +21,12 @@ Modes: `conn` = one message per connection (smtp-source's default: connect,
 EHLO, MAIL, RCPT, DATA, QUIT, reconnect); `d` = `smtp-source -d`, every session
 keeps its connection and sends message after message.
 
-Servers: hedwig-fsync, hedwig-nofsync (`[storage] fsync = false`),
+Servers: hedwig-fsync, hedwig-nofsync (`[storage] fsync = false`), each once
+per value of --workers (Hedwig's `workers`, default "1 2"),
 aiosmtpd-fsync, aiosmtpd-nofsync (bench/aiosmtpd_peer.py: write tmp/,
 fsync, rename into new/, fsync new/), smtp-sink (no disk: the loopback ceiling).
 
-    python bench/ingest.py [--messages 20000] [--sessions "16 64"] [--size 1024]
+    python bench/ingest.py [--messages 20000] [--sessions "16 64"] [--workers "1 2"] [--size 1024]
                            [--repeats 3] [--servers all] [--modes conn,d]
                            [--workdir DIR] [--write-results]
 
@@ -46,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -141,30 +146,108 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2:].split()
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime+stime of pid and its live descendants, plus the reaped children (cutime+cstime)."""
+def _children_map() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             f = _stat_fields(int(name))
             if f:
                 children.setdefault(int(f[1]), []).append(int(name))  # f[1] = ppid
-    total = 0
+    return children
+
+
+def tree_pids(pid: int) -> list[int]:
+    """pid and its live descendants (Hedwig: the master and its workers)."""
+    children = _children_map()
+    out = []
     todo = [pid]
-    first = True
     while todo:
         p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime+stime of pid and its live descendants, plus the reaped children (cutime+cstime).
+
+    /proc/PID/stat sums every thread of a process, so a worker's threadpool counts too.
+    """
+    total = 0
+    for p in tree_pids(pid):
         f = _stat_fields(p)
         if f is None:
             continue
         # fields after ')' : state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
         #                    utime(11) stime(12) cutime(13) cstime(14)
         total += int(f[11]) + int(f[12])
-        if first:
+        if p == pid:
             total += int(f[13]) + int(f[14])
-            first = False
-        todo.extend(children.get(p, []))
     return total / CLK_TCK
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A `kB` line of /proc/PID/status (VmRSS, VmHWM, ...); 0 if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(field.encode() + b":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def tree_kib(pid: int, field: str = "VmHWM") -> int:
+    """The sum of one /proc/PID/status figure over pid and its live descendants."""
+    return sum(status_kib(p, field) for p in tree_pids(pid))
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size: resident pages, each shared page split among the processes sharing it."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class TreeMemory:
+    """Memory of a server's process tree during a run: peak RSS, sampled in a thread, and PSS at the end.
+
+    peak RSS is the largest sum of VmHWM over the tree. Each process's VmHWM is
+    its own peak, so sampling every `interval` seconds also keeps the peak of
+    processes that exit before the end (Postfix's smtpd). Pages shared after
+    fork count once per process, as `ps` counts them, so for a tree of many
+    processes this overstates what it holds; PSS (sum of Pss from
+    smaps_rollup, read once at stop() because it costs ~0.3 ms a process)
+    splits each shared page among its sharers and adds up to the real total.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_kib = tree_kib(pid)
+        self.pss_kib: int | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.peak_kib = max(self.peak_kib, tree_kib(self.pid))
+
+    def stop(self) -> tuple[float, float]:
+        """Ends the sampling (the first call takes the last samples): (peak RSS, PSS now) in MiB."""
+        if self.pss_kib is None:
+            self._done.set()
+            self._thread.join()
+            self.peak_kib = max(self.peak_kib, tree_kib(self.pid))
+            self.pss_kib = sum(pss_kib(p) for p in tree_pids(self.pid))
+        return self.peak_kib / 1024, self.pss_kib / 1024
 
 
 # -- servers -------------------------------------------------------------------
@@ -208,6 +291,7 @@ HEDWIG_CONF = """\
 level = "warn"
 
 [server]
+workers = {workers}
 hostname = "bench.test"
 disk_reserve = 0
 
@@ -220,7 +304,7 @@ fsync = {fsync}
 """
 
 
-def make_server(name: str, run_dir: str, port: int, args: argparse.Namespace) -> Server:
+def make_server(name: str, run_dir: str, port: int, args: argparse.Namespace, workers: int | None = None) -> Server:
     spool = os.path.join(run_dir, "spool")
     log_path = os.path.join(run_dir, "server.log")
     py = sys.executable
@@ -228,7 +312,8 @@ def make_server(name: str, run_dir: str, port: int, args: argparse.Namespace) ->
         fsync = name == "hedwig-fsync"
         conf = os.path.join(run_dir, "hedwig.toml")
         with open(conf, "w") as f:
-            f.write(HEDWIG_CONF.format(port=port, spool=spool, fsync="true" if fsync else "false"))
+            f.write(HEDWIG_CONF.format(port=port, spool=spool, fsync="true" if fsync else "false",
+                                       workers=workers or 1))
         argv = [py, os.path.join(ROOT, "hedwig.py"), "serve", "--config", conf]
         return Server(name, "on" if fsync else "off", argv, spool, log_path)
     if name in ("aiosmtpd-fsync", "aiosmtpd-nofsync"):
@@ -252,6 +337,7 @@ def make_server(name: str, run_dir: str, port: int, args: argparse.Namespace) ->
 @dataclass
 class Result:
     server: str
+    workers: int | None  # Hedwig's `workers`; None for the peers
     fsync: str
     sessions: int
     mode: str
@@ -262,6 +348,8 @@ class Result:
     msgs_per_s: float | None = None
     server_cpu_ms: float | None = None
     client_cpu_ms: float | None = None
+    rss_mib: float | None = None
+    pss_mib: float | None = None
     landed: int | None = None
 
 
@@ -306,15 +394,16 @@ def run_source(argv: list[str], timeout: float, log_path: str) -> tuple[int | No
     return status, wall, cpu, tail
 
 
-def measure(name: str, sessions: int, mode: str, repeat: int, args: argparse.Namespace) -> Result:
-    res = Result(name, "", sessions, mode, repeat)
-    run_dir = tempfile.mkdtemp(prefix=f"{name}-s{sessions}-{mode}-r{repeat}-", dir=args.workdir)  # 0700
+def measure(name: str, workers: int | None, sessions: int, mode: str, repeat: int,
+            args: argparse.Namespace) -> Result:
+    res = Result(name, workers, "", sessions, mode, repeat)
+    run_dir = tempfile.mkdtemp(prefix=f"{name}-w{workers}-s{sessions}-{mode}-r{repeat}-", dir=args.workdir)  # 0700
     proc = None
     srv = None
     try:
         for attempt in range(3):
             port = free_port()
-            srv = make_server(name, run_dir, port, args)
+            srv = make_server(name, run_dir, port, args, workers)
             res.fsync = srv.fsync
             with open(srv.log_path, "wb") as logf:
                 proc = subprocess.Popen(srv.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
@@ -332,9 +421,11 @@ def measure(name: str, sessions: int, mode: str, repeat: int, args: argparse.Nam
                 shutil.rmtree(run_dir, ignore_errors=True)
                 os.makedirs(run_dir, mode=0o700)
         cpu0 = tree_cpu_seconds(proc.pid)
+        memory = TreeMemory(proc.pid)
         argv = source_argv(args, sessions, mode, port)
         status, wall, client_cpu, tail = run_source(argv, args.timeout, os.path.join(run_dir, "source.log"))
         cpu1 = tree_cpu_seconds(proc.pid)
+        res.rss_mib, res.pss_mib = memory.stop()
         res.wall = wall
         if status is None:
             res.error = f"smtp-source killed after {args.timeout:.0f}s"
@@ -443,23 +534,32 @@ def _fmt(v: float | None, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+def cells(results: list, key) -> list[tuple[tuple, list]]:
+    """[(key, results with that key)] in order of first appearance; key(result) -> tuple."""
+    groups: dict[tuple, list] = {}
+    for r in results:
+        groups.setdefault(key(r), []).append(r)
+    return list(groups.items())
+
+
+def workers_label(workers: int | None) -> str:
+    return "—" if workers is None else str(workers)
+
+
 def table(results: list[Result], args: argparse.Namespace) -> str:
     rows = [
-        "| server | fsync | sessions | mode | msg/s median | min–max | server CPU ms/msg | client CPU ms/msg | landed | errors |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| server | workers | fsync | sessions | mode | msg/s median | min–max | server CPU ms/msg "
+        "| client CPU ms/msg | peak RSS MiB | PSS MiB | landed | errors |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    keys: list[tuple[str, int, str]] = []
-    for r in results:
-        k = (r.server, r.sessions, r.mode)
-        if k not in keys:
-            keys.append(k)
-    for k in keys:
-        rs = [r for r in results if (r.server, r.sessions, r.mode) == k]
+    for k, rs in cells(results, lambda r: (r.server, r.workers, r.sessions, r.mode)):
         good = [r.msgs_per_s for r in rs if r.ok and r.msgs_per_s]
         med = statistics.median(good) if good else None
         rng = f"{min(good):,.0f}–{max(good):,.0f}" if len(good) > 1 else "—"
         scpu = [r.server_cpu_ms for r in rs if r.ok and r.server_cpu_ms is not None]
         ccpu = [r.client_cpu_ms for r in rs if r.ok and r.client_cpu_ms is not None]
+        rss = [r.rss_mib for r in rs if r.rss_mib]
+        pss = [r.pss_mib for r in rs if r.pss_mib]
         landed = [r.landed for r in rs if r.landed is not None]
         if not landed:
             landed_s = "n/a"
@@ -471,10 +571,11 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
         nbad = sum(1 for r in rs if not r.ok)
         err_s = f"{nbad}/{len(rs)} failed: {errs}" if errs else ""
         rows.append(
-            f"| {k[0]} | {rs[0].fsync} | {k[1]} | {'-d' if k[2] == 'd' else 'per-conn'} "
+            f"| {k[0]} | {workers_label(k[1])} | {rs[0].fsync} | {k[2]} | {'-d' if k[3] == 'd' else 'per-conn'} "
             f"| {_fmt(med, ',.0f')} | {rng} "
             f"| {_fmt(statistics.median(scpu) if scpu else None, '.3f')} "
             f"| {_fmt(statistics.median(ccpu) if ccpu else None, '.3f')} "
+            f"| {_fmt(max(rss) if rss else None, ',.0f')} | {_fmt(max(pss) if pss else None, ',.0f')} "
             f"| {landed_s} | {err_s} |"
         )
     return "\n".join(rows)
@@ -498,14 +599,17 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         f"- load generator: `{_cmd(source_argv(args, 64, 'conn', 0)).replace(':0', ':' + example_port)}` "
         "(per-conn; `-d` added for the -d rows)",
         "- servers: hedwig = `python hedwig.py serve --config FILE` ([log] level = \"warn\", disk_reserve = 0, "
-        "one listener, 1 worker, `[storage] fsync` true/false); "
+        "one listener, `workers` as in the table: a master and that many workers, `[storage] fsync` true/false); "
         f"aiosmtpd = `python bench/aiosmtpd_peer.py --threads {args.peer_threads} [--no-fsync]`; "
         f"smtp-sink = `smtp-sink -c 127.0.0.1:PORT 1000` (`-u nobody` added when run as root)",
         "",
         table(results, args),
         "",
         "msg/s = messages / wall time of the smtp-source run (median of the repeats; min–max across them). "
-        "CPU ms/msg = CPU time over the run / messages. landed = messages found in the spool afterwards "
+        "CPU ms/msg = CPU time over the run / messages (server: the whole process tree, Hedwig's master and "
+        "workers). peak RSS = the largest sum of VmHWM over the server's process tree, sampled every 0.2 s; "
+        "PSS = the sum of Pss (shared pages split among their sharers) over the tree at the end of the load; "
+        "both the largest across repeats. landed = messages found in the spool afterwards "
         "(min–max across repeats if they differ).",
     ]
     return "\n".join(lines)
@@ -519,6 +623,8 @@ def add_load_args(p: argparse.ArgumentParser, *, messages: int, servers: Sequenc
     p.add_argument("--messages", "-m", type=int, default=int(os.environ.get("BENCH_MESSAGES", messages)))
     p.add_argument("--sessions", "-s", default=os.environ.get("BENCH_SESSIONS", "16 64"),
                    help='space/comma separated session counts (default "16 64")')
+    p.add_argument("--workers", "-w", default=os.environ.get("BENCH_WORKERS", "1 2"),
+                   help='Hedwig `workers` values, space/comma separated (default "1 2"); one row each')
     p.add_argument("--size", "-l", type=int, default=int(os.environ.get("BENCH_SIZE", 1024)),
                    help="message payload bytes (smtp-source -l; headers not included)")
     p.add_argument("--repeats", "-r", type=int, default=int(os.environ.get("BENCH_REPEATS", 3)))
@@ -530,103 +636,157 @@ def add_load_args(p: argparse.ArgumentParser, *, messages: int, servers: Sequenc
                    help="kill smtp-source after this many seconds (default 120)")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description="Accepted msg/s of Hedwig, aiosmtpd and smtp-sink under smtp-source.")
-    add_load_args(p, messages=20000, servers=ALL_SERVERS)
+def make_workdir(workdir: str | None, prefix: str) -> str:
+    """The scratch directory: `workdir` (created if missing), or a fresh mkdtemp under $BENCH_DIR or /var/tmp."""
+    if workdir is None:
+        return tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("BENCH_DIR", "/var/tmp"))
+    os.makedirs(workdir, exist_ok=True)
+    return os.path.abspath(workdir)
+
+
+class Guard:
+    """The frame of a benchmark run: `with Guard(args, "hedwig-bench.", kill_all) as guard:`.
+
+    Makes args.workdir (unless given); SIGTERM and SIGHUP raise Interrupted.
+    On the way out it stops every process still running (`kill`), removes a
+    scratch directory it made, and turns an interruption (Ctrl-C included)
+    into guard.interrupted, so that what was measured can still be reported.
+    """
+
+    def __init__(self, args: argparse.Namespace, prefix: str, kill=None) -> None:
+        self.args = args
+        self.own = args.workdir is None
+        args.workdir = make_workdir(args.workdir, prefix)
+        self.kill = kill or kill_all
+        self.interrupted = False
+
+    def __enter__(self) -> Guard:
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGHUP, _on_signal)
+        return self
+
+    def __exit__(self, kind, exc, _tb) -> bool:
+        self.kill()
+        if self.own:
+            shutil.rmtree(self.args.workdir, ignore_errors=True)
+        if kind is not None and issubclass(kind, (KeyboardInterrupt, Interrupted)):
+            print(f"interrupted ({exc or 'SIGINT'}); reporting what was measured", file=sys.stderr)
+            self.interrupted = True
+            return True
+        return False
+
+
+def add_run_args(p: argparse.ArgumentParser, default_messages: int | None = None) -> None:
+    """The options every benchmark script takes: tools, scratch directory, where the report goes."""
     p.add_argument("--start-timeout", type=float, default=30.0, help="seconds to wait for a server's 220")
-    p.add_argument("--peer-threads", type=int, default=64, help="aiosmtpd peer executor threads (default 64)")
     p.add_argument("--workdir", default=None,
-                   help="parent of the per-run spool dirs (default: a fresh mktemp dir under $BENCH_DIR or "
+                   help="parent of the per-run directories (default: a fresh mktemp dir under $BENCH_DIR or "
                         "/var/tmp, removed at the end)")
     p.add_argument("--smtp-source", default=shutil.which("smtp-source") or "/usr/sbin/smtp-source")
     p.add_argument("--smtp-sink", default=shutil.which("smtp-sink") or "/usr/sbin/smtp-sink")
+    p.add_argument("--postfix", default=shutil.which("postfix") or "/usr/sbin/postfix")
+    p.add_argument("--postconf", default=shutil.which("postconf") or "/usr/sbin/postconf")
     p.add_argument("--write-results", action="store_true", help="append the report to --results")
     p.add_argument("--results", default=os.path.join(BENCH, "RESULTS.md"))
     p.add_argument("--title", default="", help="extra words for the RESULTS.md heading")
-    p.add_argument("--command", default="", help="command line to record (run.sh passes its own)")
-    p.add_argument("--verbose", "-v", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--command", default="", help="command line to record (the bench/*.sh wrapper passes its own)")
 
-    servers = ALL_SERVERS if args.servers.strip() in ("all", "") else args.servers.replace(",", " ").split()
+
+def append_results(path: str, title: str, text: str) -> None:
+    """Append a report to RESULTS.md under a dated heading."""
+    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    heading = f"## {stamp}" + (f" — {title}" if title else "")
+    new = not os.path.exists(path)
+    with open(path, "a") as f:
+        if new:
+            f.write("# Benchmark results\n\nAppended by the bench/ scripts' --write-results; "
+                    "see bench/README.md for how to read them.\n")
+        f.write(f"\n{heading}\n\n{text}\n")
+    print(f"appended to {path}", file=sys.stderr)
+
+
+def int_list(p: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        p.error(f"{flag}: expected numbers, got {text!r}")
+    if not values or min(values) < 1:
+        p.error(f"{flag}: expected numbers >= 1, got {text!r}")
+    return values
+
+
+def parse_load_args(p: argparse.ArgumentParser, args: argparse.Namespace,
+                    all_servers: Sequence[str]) -> tuple[list[str], list[str], list[int], list[int]]:
+    """(servers, modes, sessions, workers) from add_load_args' options; p.error() on a bad one."""
+    servers = list(all_servers) if args.servers.strip() in ("all", "") else args.servers.replace(",", " ").split()
     for s in servers:
-        if s not in ALL_SERVERS:
-            p.error(f"unknown server {s!r}; choose from {', '.join(ALL_SERVERS)}")
+        if s not in all_servers:
+            p.error(f"unknown server {s!r}; choose from {', '.join(all_servers)}")
     modes = args.modes.replace(",", " ").split()
     for m in modes:
         if m not in ALL_MODES:
             p.error(f"unknown mode {m!r}; choose from conn, d")
-    try:
-        sessions = [int(x) for x in args.sessions.replace(",", " ").split()]
-    except ValueError:
-        p.error(f"--sessions: expected numbers, got {args.sessions!r}")
+    sessions = int_list(p, args.sessions, "--sessions")
+    workers = int_list(p, args.workers, "--workers")
+    if args.messages < 1 or args.repeats < 1:
+        p.error("messages and repeats must be >= 1")
+    return servers, modes, sessions, workers
+
+
+def server_variants(servers: Sequence[str], workers: Sequence[int]) -> list[tuple[str, int | None]]:
+    """(server, workers) pairs to run: every Hedwig server once per workers value, each peer once."""
+    return [(s, w) for s in servers for w in (workers if s.startswith("hedwig") else [None])]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="Accepted msg/s of Hedwig, aiosmtpd and smtp-sink under smtp-source.")
+    add_load_args(p, messages=20000, servers=ALL_SERVERS)
+    p.add_argument("--peer-threads", type=int, default=64, help="aiosmtpd peer executor threads (default 64)")
+    add_run_args(p)
+    p.add_argument("--verbose", "-v", action="store_true")
+    args = p.parse_args()
+
+    servers, modes, sessions, workers = parse_load_args(p, args, ALL_SERVERS)
     for tool in (args.smtp_source, args.smtp_sink if "smtp-sink" in servers else args.smtp_source):
         if not os.access(tool, os.X_OK):
             p.error(f"{tool} not found (apt-get install postfix, or run bench/run.sh)")
-    if min(sessions) < 1 or args.messages < 1 or args.repeats < 1:
-        p.error("sessions, messages and repeats must be >= 1")
 
-    own_workdir = args.workdir is None
-    if own_workdir:
-        parent = os.environ.get("BENCH_DIR", "/var/tmp")
-        args.workdir = tempfile.mkdtemp(prefix="hedwig-bench.", dir=parent)
-    else:
-        os.makedirs(args.workdir, exist_ok=True)
-    args.workdir = os.path.abspath(args.workdir)
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
     started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     load = os.getloadavg()
-    facts = machine_facts(args)
-    create_start = float("nan")
+    facts: list[str] = []
+    create_start = create_end = float("nan")
     results: list[Result] = []
-    total = args.repeats * len(servers) * len(sessions) * len(modes)
+    variants = server_variants(servers, workers)
+    total = args.repeats * len(variants) * len(sessions) * len(modes)
     n = 0
     status = 0
-    try:
+    with Guard(args, "hedwig-bench.") as guard:
+        facts = machine_facts(args)
         create_start = create_cost_us(args.workdir)
         for rep in range(1, args.repeats + 1):
-            for name in servers:
+            for name, w in variants:
                 for sess in sessions:
                     for mode in modes:
                         n += 1
-                        r = measure(name, sess, mode, rep, args)
+                        r = measure(name, w, sess, mode, rep, args)
                         results.append(r)
                         ok = f"{r.msgs_per_s:8,.0f} msg/s" if r.ok else f"FAILED: {r.error}"
                         cpu = f", server {r.server_cpu_ms:.3f} ms/msg" if r.ok and r.server_cpu_ms is not None else ""
+                        rss = f", {r.rss_mib:.0f} MiB" if r.rss_mib else ""
                         landed = f", landed {r.landed}" if r.landed is not None else ""
-                        print(f"[{n}/{total}] {name:16} s={sess:<3} {mode:4} rep {rep}: {ok}{cpu}{landed}"
-                              f" ({r.wall:.2f}s)", file=sys.stderr, flush=True)
+                        print(f"[{n}/{total}] {name:16} w={workers_label(w):2} s={sess:<3} {mode:4} rep {rep}: "
+                              f"{ok}{cpu}{rss}{landed} ({r.wall:.2f}s)", file=sys.stderr, flush=True)
                         if not r.ok:
                             status = 1
-    except (KeyboardInterrupt, Interrupted) as exc:
-        print(f"interrupted ({exc or 'SIGINT'}); reporting what was measured", file=sys.stderr)
+        create_end = create_cost_us(args.workdir)
+    if guard.interrupted:
         status = 130
-    finally:
-        kill_all()
-        create_end = float("nan")
-        if status != 130:
-            try:
-                create_end = create_cost_us(args.workdir)
-            except OSError:
-                pass
-        if own_workdir:
-            shutil.rmtree(args.workdir, ignore_errors=True)
-
     if not results:
         return status or 1
     text = report(results, args, started, load, facts, (create_start, create_end))
     print(text)
     if args.write_results:
-        stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-        heading = f"## {stamp}" + (f" — {args.title}" if args.title else "")
-        new = not os.path.exists(args.results)
-        with open(args.results, "a") as f:
-            if new:
-                f.write("# Ingest benchmark results\n\nAppended by `bench/run.sh --write-results`; "
-                        "see bench/README.md for how to read them.\n")
-            f.write(f"\n{heading}\n\n{text}\n")
-        print(f"appended to {args.results}", file=sys.stderr)
+        append_results(args.results, args.title, text)
     return status
 
 

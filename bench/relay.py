@@ -6,7 +6,8 @@ For every (sessions, mode, repeat, server) it starts, on free 127.0.0.1 ports:
   running counters (`sess=.. quit=.. mesg=N`, one per event, separated by
   carriage returns) say how many messages have arrived;
 - a fresh server under test that relays everything to that sink:
-  `hedwig-fsync` / `hedwig-nofsync` (`python hedwig.py serve`, 1 worker, a
+  `hedwig-fsync` / `hedwig-nofsync` (`python hedwig.py serve`, `--workers`
+  values (default 1 and 2: one row each), a
   fresh spool, `[server.routes] "*" = "127.0.0.1:SINKPORT"`,
   `outbound_local = true`), or `postfix` (a private Postfix instance with its
   own main.cf, master.cf and queue in the scratch directory,
@@ -21,11 +22,14 @@ then runs `smtp-source -s N -m M -l 1024 ...` against the server and records:
 - server CPU ms/msg utime+stime of the server's process tree (from /proc),
                    reaped children included, from just before smtp-source
                    starts to the moment the sink has all M messages, divided
-                   by M. Hedwig: its one process. Postfix: the `master`
+                   by M. Hedwig: the master and its workers. Postfix: the `master`
                    process's utime+stime+cutime+cstime plus utime+stime of
                    its live children (smtpd, cleanup, qmgr, smtp, trivial-
                    rewrite, postlogd, ...); a child that exits is reaped by
                    master into cutime/cstime, so it counts once
+- peak RSS, PSS    the largest sum of VmHWM over the server's process tree,
+                   sampled every 0.2 s, and the sum of its Pss when the sink
+                   has every message (ingest.TreeMemory)
 - sink CPU, client CPU the same for smtp-sink and smtp-source, for context
 - delivered        what the sink counted once the server had stopped (more
                    than M means duplicate deliveries)
@@ -67,9 +71,8 @@ sys.dont_write_bytecode = True  # no bench/__pycache__ from importing ingest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ingest  # noqa: E402  (bench/ingest.py: shared helpers)
 from ingest import (  # noqa: E402
-    BENCH,
     ROOT,
-    Interrupted,
+    TreeMemory,
     create_cost_us,
     free_port,
     stop,
@@ -84,10 +87,6 @@ TO = "sink@example.net"
 POLL = 0.005  # seconds between looks at smtp-source and the sink's counters
 
 _postfixes: list["Postfix"] = []  # instances started and not yet stopped
-
-
-def _on_signal(signum, _frame):
-    raise Interrupted(f"signal {signum}")
 
 
 def _cmd(argv: list[str]) -> str:
@@ -188,7 +187,7 @@ HEDWIG_CONF = """\
 level = "warn"
 
 [server]
-workers = 1
+workers = {workers}
 hostname = "bench.test"
 disk_reserve = 0
 outbound_local = true
@@ -206,11 +205,14 @@ fsync = {fsync}
 
 
 def hedwig_extra(args: argparse.Namespace) -> str:
+    """[server] keys set from the options: pool_size, delivery_concurrency (and, for other scripts
+    that pass their own args, max_connections and retry_initial_delay)."""
     extra = ""
-    if args.pool_size:
-        extra += f"pool_size = {args.pool_size}\n"
-    if args.delivery_concurrency:
-        extra += f"delivery_concurrency = {args.delivery_concurrency}\n"
+    for key in ("pool_size", "delivery_concurrency", "max_connections"):
+        if getattr(args, key, None):
+            extra += f"{key} = {getattr(args, key)}\n"
+    if getattr(args, "retry_initial_delay", None):
+        extra += f'retry_initial_delay = "{args.retry_initial_delay}"\n'
     return extra
 
 
@@ -232,7 +234,8 @@ def make_dkim_key(args: argparse.Namespace) -> None:
         raise RuntimeError(f"dkim-generate failed: {result.stderr.strip()}")
 
 
-def start_hedwig(name: str, run_dir: str, sink_port: int, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+def start_hedwig(name: str, run_dir: str, sink_port: int, args: argparse.Namespace,
+                 workers: int = 1) -> tuple[subprocess.Popen, int]:
     spool = os.path.join(run_dir, "spool")
     conf = os.path.join(run_dir, "hedwig.toml")
     log_path = os.path.join(run_dir, "server.log")
@@ -240,7 +243,7 @@ def start_hedwig(name: str, run_dir: str, sink_port: int, args: argparse.Namespa
     for attempt in range(3):
         port = free_port()
         with open(conf, "w") as f:
-            f.write(HEDWIG_CONF.format(port=port, sink_port=sink_port, spool=spool, fsync=fsync,
+            f.write(HEDWIG_CONF.format(port=port, sink_port=sink_port, spool=spool, fsync=fsync, workers=workers,
                                        extra=hedwig_extra(args), dkim=hedwig_dkim(args)))
         argv = [sys.executable, os.path.join(ROOT, "hedwig.py"), "serve", "--config", conf]
         with open(log_path, "wb") as logf:
@@ -434,6 +437,18 @@ class Postfix:
             print(f"warning: postfix processes still alive after SIGKILL: {left}", file=sys.stderr)
 
 
+def default_master_cf() -> str:
+    """Debian's pristine master.cf, else the system's."""
+    if os.path.exists("/usr/share/postfix/master.cf.dist"):
+        return "/usr/share/postfix/master.cf.dist"
+    return "/etc/postfix/master.cf"
+
+
+def allow_postfix(path: str) -> None:
+    """The postfix user must traverse to its queue and data directories (mktemp makes 0700 dirs)."""
+    os.chmod(path, os.stat(path).st_mode & 0o7777 | 0o111)
+
+
 def start_postfix(run_dir: str, sink_port: int, args: argparse.Namespace) -> tuple[Postfix, int]:
     pf = Postfix(run_dir, sink_port, args)
     pf.configure(free_port())
@@ -451,6 +466,7 @@ def start_postfix(run_dir: str, sink_port: int, args: argparse.Namespace) -> tup
 @dataclass
 class Result:
     server: str
+    workers: int | None  # Hedwig's `workers`; None for Postfix
     fsync: str
     sessions: int
     mode: str
@@ -465,6 +481,8 @@ class Result:
     sink_cpu_ms: float | None = None
     client_cpu_ms: float | None = None
     logging_cpu_ms: float | None = None  # Postfix: postlogd's share of server_cpu_ms
+    rss_mib: float | None = None
+    pss_mib: float | None = None
     delivered: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -545,9 +563,11 @@ def run_load(argv: list[str], counter: SinkCounter, target: int, args: argparse.
     return out
 
 
-def measure(name: str, sessions: int, mode: str, repeat: int, args: argparse.Namespace) -> Result:
-    res = Result(name, {"hedwig-fsync": "on", "hedwig-nofsync": "off", "postfix": "on"}[name], sessions, mode, repeat)
-    run_dir = tempfile.mkdtemp(prefix=f"{name}-s{sessions}-{mode}-r{repeat}-", dir=args.workdir)  # 0700
+def measure(name: str, workers: int | None, sessions: int, mode: str, repeat: int,
+            args: argparse.Namespace) -> Result:
+    fsync = {"hedwig-fsync": "on", "hedwig-nofsync": "off", "postfix": "on"}[name]
+    res = Result(name, workers, fsync, sessions, mode, repeat)
+    run_dir = tempfile.mkdtemp(prefix=f"{name}-w{workers}-s{sessions}-{mode}-r{repeat}-", dir=args.workdir)  # 0700
     if name == "postfix":
         os.chmod(run_dir, 0o711)  # Postfix opens files in its data dir as the postfix user: it must traverse
     sink = hedwig = pf = counter = None
@@ -561,16 +581,18 @@ def measure(name: str, sessions: int, mode: str, repeat: int, args: argparse.Nam
             log_path = pf.log
             server_pid, alive = pf.master_pid, pf.alive
         else:
-            hedwig, port = start_hedwig(name, run_dir, sink_port, args)
+            hedwig, port = start_hedwig(name, run_dir, sink_port, args, workers or 1)
             server_pid, alive = hedwig.pid, (lambda: hedwig.poll() is None)
         counter = SinkCounter(sink_out)
         base = counter.poll()
         cpu0, sink0 = tree_cpu_seconds(server_pid), tree_cpu_seconds(sink.pid)
         log0 = children_cpu(server_pid, "postlogd") if pf is not None else {}
+        memory = TreeMemory(server_pid)
         after: list[float] = []
 
         def at_relayed() -> None:
             after[:] = [tree_cpu_seconds(server_pid), tree_cpu_seconds(sink.pid)]
+            res.rss_mib, res.pss_mib = memory.stop()
             if pf is not None:
                 log1 = children_cpu(server_pid, "postlogd")
                 res.logging_cpu_ms = sum(c - log0.get(pid, 0.0) for pid, c in log1.items()) * 1000 / args.messages
@@ -702,29 +724,35 @@ def _rng(xs: list[float]) -> str:
     return f"{min(xs):,.0f}–{max(xs):,.0f}" if len(xs) > 1 else "—"
 
 
-def _keys(results: list[Result]) -> list[tuple[str, int, str]]:
-    keys: list[tuple[str, int, str]] = []
-    for r in results:
-        k = (r.server, r.sessions, r.mode)
-        if k not in keys:
-            keys.append(k)
+def _key(r: Result) -> tuple[str, int | None, int, str]:
+    return (r.server, r.workers, r.sessions, r.mode)
+
+
+def _cells(results: list[Result]) -> list[tuple[tuple, list[Result]]]:
+    """[(key, its results)], by sessions, mode, then server and workers."""
     order = {s: i for i, s in enumerate(ALL_SERVERS)}
-    return sorted(keys, key=lambda k: (k[1], ALL_MODES.index(k[2]), order[k[0]]))
+    return sorted(ingest.cells(results, _key),
+                  key=lambda c: (c[0][2], ALL_MODES.index(c[0][3]), order[c[0][0]], c[0][1] or 0))
+
+
+def _mode(mode: str) -> str:
+    return "-d" if mode == "d" else "per-conn"
 
 
 def table(results: list[Result], args: argparse.Namespace) -> str:
     rows = [
-        "| server | fsync | sessions | mode | accepted msg/s | relayed msg/s median | min–max "
-        "| server CPU ms/msg | sink CPU ms/msg | client CPU ms/msg | delivered | errors |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| server | workers | fsync | sessions | mode | accepted msg/s | relayed msg/s median | min–max "
+        "| server CPU ms/msg | sink CPU ms/msg | client CPU ms/msg | peak RSS MiB | PSS MiB | delivered | errors |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for k in _keys(results):
-        rs = [r for r in results if (r.server, r.sessions, r.mode) == k]
+    for k, rs in _cells(results):
         acc = [r.accepted_per_s for r in rs if r.accepted_per_s]
         rel = [r.relayed_per_s for r in rs if r.ok and r.relayed_per_s]
         scpu = [r.server_cpu_ms for r in rs if r.ok and r.server_cpu_ms is not None]
         kcpu = [r.sink_cpu_ms for r in rs if r.ok and r.sink_cpu_ms is not None]
         ccpu = [r.client_cpu_ms for r in rs if r.ok and r.client_cpu_ms is not None]
+        rss = [r.rss_mib for r in rs if r.rss_mib]
+        pss = [r.pss_mib for r in rs if r.pss_mib]
         dl = [r.delivered for r in rs if r.delivered is not None]
         if not dl:
             dl_s = "—"
@@ -736,9 +764,10 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
         nbad = sum(1 for r in rs if not r.ok)
         err_s = f"{nbad}/{len(rs)} failed: {errs}" if errs else ""
         rows.append(
-            f"| {k[0]} | {rs[0].fsync} | {k[1]} | {'-d' if k[2] == 'd' else 'per-conn'} "
+            f"| {k[0]} | {ingest.workers_label(k[1])} | {rs[0].fsync} | {k[2]} | {_mode(k[3])} "
             f"| {_fmt(_med(acc), ',.0f')} | {_fmt(_med(rel), ',.0f')} | {_rng(rel)} "
             f"| {_fmt(_med(scpu), '.3f')} | {_fmt(_med(kcpu), '.3f')} | {_fmt(_med(ccpu), '.3f')} "
+            f"| {_fmt(max(rss) if rss else None, ',.0f')} | {_fmt(max(pss) if pss else None, ',.0f')} "
             f"| {dl_s} | {err_s} |"
         )
     return "\n".join(rows)
@@ -746,38 +775,36 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
 
 def comparison(results: list[Result]) -> list[str]:
     """Hedwig against Postfix, cell by cell: relayed msg/s and server CPU per message (medians)."""
+    def med(key: tuple, attr: str) -> float | None:
+        return _med([getattr(r, attr) for r in results
+                     if _key(r) == key and r.ok and getattr(r, attr) is not None])
+
     lines = []
-    cells = []
-    for r in results:
-        if (r.sessions, r.mode) not in cells:
-            cells.append((r.sessions, r.mode))
-    for hedwig in ("hedwig-fsync", "hedwig-nofsync"):
+    hedwigs = [k[:2] for k, _rs in _cells(results) if k[0] != "postfix"]
+    for hedwig in dict.fromkeys(hedwigs):  # (server, workers), in table order
         parts = []
-        for sess, mode in sorted(cells, key=lambda c: (c[0], ALL_MODES.index(c[1]))):
-            def med(server, attr):
-                return _med([getattr(r, attr) for r in results
-                             if (r.server, r.sessions, r.mode) == (server, sess, mode) and r.ok
-                             and getattr(r, attr) is not None])
-            h, p = med(hedwig, "relayed_per_s"), med("postfix", "relayed_per_s")
-            hc, pc = med(hedwig, "server_cpu_ms"), med("postfix", "server_cpu_ms")
+        for k, _rs in _cells(results):
+            if k[:2] != hedwig:
+                continue
+            h, p = med(k, "relayed_per_s"), med(("postfix", None, k[2], k[3]), "relayed_per_s")
+            hc, pc = med(k, "server_cpu_ms"), med(("postfix", None, k[2], k[3]), "server_cpu_ms")
             if h is None or p is None:
                 continue
             cpu = f", CPU/msg {hc / pc:.2f}×" if hc and pc else ""
-            parts.append(f"{sess} {'-d' if mode == 'd' else 'per-conn'}: {h / p:.2f}×{cpu}")
+            parts.append(f"{k[2]} {_mode(k[3])}: {h / p:.2f}×{cpu}")
         if parts:
-            lines.append(f"- {hedwig} / postfix, relayed msg/s (median): " + "; ".join(parts))
+            lines.append(f"- {hedwig[0]} workers={hedwig[1]} / postfix, relayed msg/s (median): " + "; ".join(parts))
     return lines
 
 
 def logging_note(results: list[Result]) -> list[str]:
     parts = []
-    for k in _keys(results):
+    for k, rs in _cells(results):
         if k[0] != "postfix":
             continue
-        xs = [r.logging_cpu_ms for r in results
-              if (r.server, r.sessions, r.mode) == k and r.ok and r.logging_cpu_ms is not None]
+        xs = [r.logging_cpu_ms for r in rs if r.ok and r.logging_cpu_ms is not None]
         if xs:
-            parts.append(f"{k[1]} {'-d' if k[2] == 'd' else 'per-conn'}: {statistics.median(xs):.3f}")
+            parts.append(f"{k[2]} {_mode(k[3])}: {statistics.median(xs):.3f}")
     if not parts:
         return []
     return ["- of postfix's server CPU, postlogd (writing its maillog_file, the work syslog would otherwise do "
@@ -787,7 +814,7 @@ def logging_note(results: list[Result]) -> list[str]:
 def report(results: list[Result], args: argparse.Namespace, started: str, load: tuple, facts: list[str],
            create: tuple[float, float]) -> str:
     load_end = os.getloadavg()
-    hedwig_conf = HEDWIG_CONF.format(port="PORT", sink_port="SINKPORT", spool="SCRATCH/spool",
+    hedwig_conf = HEDWIG_CONF.format(port="PORT", sink_port="SINKPORT", spool="SCRATCH/spool", workers="W",
                                      fsync="true|false", extra=hedwig_extra(args),
                                      dkim=hedwig_dkim(args, "SCRATCH/dkim-rsa2048.pem"))
     lines = [
@@ -804,7 +831,8 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         f"- load generator: `{_cmd(source_argv(args, 64, 'conn', 0)).replace(':0', ':PORT')}` "
         "(per-conn; `-d` added for the -d rows)",
         f"- upstream: `{_cmd(sink_argv(args, 0)).replace(':0 ', ':SINKPORT ')}`, a fresh one per run",
-        "- hedwig: `python hedwig.py serve --config FILE`, one process (1 worker), FILE =",
+        "- hedwig: `python hedwig.py serve --config FILE`, a master and W workers (the table's workers column), "
+        "FILE =",
         "",
         "  ```toml",
         *["  " + ln if ln else "" for ln in hedwig_conf.rstrip().splitlines()],
@@ -835,7 +863,10 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         "start of smtp-source until the sink had counted them all (median of the repeats; min–max across them). "
         "server CPU ms/msg = CPU time of the server's process tree (Postfix: master, its children and the "
         "children it reaped) from just before smtp-source started until the sink had every message, / messages; "
-        "sink and client CPU likewise for smtp-sink and smtp-source. delivered = the sink's count after the server "
+        "sink and client CPU likewise for smtp-sink and smtp-source. peak RSS = the largest sum of VmHWM over the "
+        "server's process tree, sampled every 0.2 s; PSS = the sum of Pss (shared pages split among their sharers) "
+        "over the tree when the sink had every message; both the largest across repeats. "
+        "delivered = the sink's count after the server "
         "stopped (min–max across repeats if they differ).",
     ]
     return "\n".join(lines)
@@ -851,28 +882,15 @@ def main() -> int:
                    help="stop waiting for the sink this many seconds after smtp-source started (default 180)")
     p.add_argument("--stall", type=float, default=10.0,
                    help="after a failed smtp-source run, stop waiting once the sink was quiet this long (default 10)")
-    p.add_argument("--start-timeout", type=float, default=30.0, help="seconds to wait for a server's 220")
     p.add_argument("--pool-size", type=int, default=None, help="Hedwig [server] pool_size (default: Hedwig's)")
     p.add_argument("--delivery-concurrency", type=int, default=None,
                    help="Hedwig [server] delivery_concurrency (default: Hedwig's)")
     p.add_argument("--postfix-concurrency", type=int, default=64,
                    help="Postfix default_destination_concurrency_limit (default 64)")
-    default_master = "/usr/share/postfix/master.cf.dist"
-    if not os.path.exists(default_master):
-        default_master = "/etc/postfix/master.cf"
+    default_master = default_master_cf()
     p.add_argument("--postfix-master-cf", default=default_master,
                    help=f"master.cf to copy for the private instance (default {default_master})")
-    p.add_argument("--workdir", default=None,
-                   help="parent of the per-run directories (default: a fresh mktemp dir under $BENCH_DIR or "
-                        "/var/tmp, removed at the end)")
-    p.add_argument("--smtp-source", default=shutil.which("smtp-source") or "/usr/sbin/smtp-source")
-    p.add_argument("--smtp-sink", default=shutil.which("smtp-sink") or "/usr/sbin/smtp-sink")
-    p.add_argument("--postfix", default=shutil.which("postfix") or "/usr/sbin/postfix")
-    p.add_argument("--postconf", default=shutil.which("postconf") or "/usr/sbin/postconf")
-    p.add_argument("--write-results", action="store_true", help="append the report to --results")
-    p.add_argument("--results", default=os.path.join(BENCH, "RESULTS.md"))
-    p.add_argument("--title", default="", help="extra words for the RESULTS.md heading")
-    p.add_argument("--command", default="", help="command line to record (relay.sh passes its own)")
+    ingest.add_run_args(p)
     p.add_argument("--dkim", action="store_true", default=os.environ.get("BENCH_DKIM", "") not in ("", "0"),
                    help="Hedwig signs every message with DKIM, RSA-2048 (a key made by `hedwig dkim-generate` "
                         "in the scratch dir); also BENCH_DKIM=1")
@@ -880,18 +898,7 @@ def main() -> int:
     args = p.parse_args()
     args.postfix_facts = None
 
-    servers = ALL_SERVERS if args.servers.strip() in ("all", "") else args.servers.replace(",", " ").split()
-    for s in servers:
-        if s not in ALL_SERVERS:
-            p.error(f"unknown server {s!r}; choose from {', '.join(ALL_SERVERS)}")
-    modes = args.modes.replace(",", " ").split()
-    for m in modes:
-        if m not in ALL_MODES:
-            p.error(f"unknown mode {m!r}; choose from conn, d")
-    try:
-        sessions = [int(x) for x in args.sessions.replace(",", " ").split()]
-    except ValueError:
-        p.error(f"--sessions: expected numbers, got {args.sessions!r}")
+    servers, modes, sessions, workers = ingest.parse_load_args(p, args, ALL_SERVERS)
     tools = [args.smtp_source, args.smtp_sink]
     if "postfix" in servers:
         tools += [args.postfix, args.postconf]
@@ -903,85 +910,57 @@ def main() -> int:
     for tool in tools:
         if not os.access(tool, os.X_OK):
             p.error(f"{tool} not found (apt-get install postfix, or run bench/relay.sh)")
-    if not sessions or min(sessions) < 1 or args.messages < 1 or args.repeats < 1:
-        p.error("sessions, messages and repeats must be >= 1")
 
-    own_workdir = args.workdir is None
-    if own_workdir:
-        parent = os.environ.get("BENCH_DIR", "/var/tmp")
-        args.workdir = tempfile.mkdtemp(prefix="hedwig-relay.", dir=parent)
-    else:
-        os.makedirs(args.workdir, exist_ok=True)
-    args.workdir = os.path.abspath(args.workdir)
-    if "postfix" in servers:
-        # The postfix user must traverse to its queue and data directories (mktemp makes 0700 dirs).
-        os.chmod(args.workdir, os.stat(args.workdir).st_mode & 0o7777 | 0o111)
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
     started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     load = os.getloadavg()
-    facts = machine_facts(args)
-    create_start = float("nan")
+    facts: list[str] = []
+    create_start = create_end = float("nan")
     results: list[Result] = []
-    total = args.repeats * len(servers) * len(sessions) * len(modes)
+    variants = ingest.server_variants(servers, workers)
+    total = args.repeats * len(variants) * len(sessions) * len(modes)
     n = 0
     status = 0
-    try:
+    with ingest.Guard(args, "hedwig-relay.", kill_all) as guard:
+        if "postfix" in servers:
+            allow_postfix(args.workdir)
+        facts = machine_facts(args)
         create_start = create_cost_us(args.workdir)
         if args.dkim:
             make_dkim_key(args)
         for rep in range(1, args.repeats + 1):
-            order = servers if rep % 2 else list(reversed(servers))
+            order = variants if rep % 2 else list(reversed(variants))
             for sess in sessions:
                 for mode in modes:
-                    for name in order:
+                    for name, w in order:
                         n += 1
-                        r = measure(name, sess, mode, rep, args)
+                        r = measure(name, w, sess, mode, rep, args)
                         results.append(r)
                         acc = f"accepted {_fmt(r.accepted_per_s, '6,.0f')}"
                         rel = f"relayed {_fmt(r.relayed_per_s, '6,.0f')} msg/s"
                         cpu = f", server {r.server_cpu_ms:.3f} ms/msg" if r.server_cpu_ms is not None else ""
                         dl = f", delivered {r.delivered}" if r.delivered is not None else ""
+                        rss = f", {r.rss_mib:.0f} MiB" if r.rss_mib else ""
                         walls = (f" ({_fmt(r.accept_wall, '.2f')}s / {_fmt(r.relay_wall, '.2f')}s)"
                                  if r.accept_wall is not None else "")
                         err = f" FAILED: {r.error}" if not r.ok else ""
-                        print(f"[{n}/{total}] {name:14} s={sess:<3} {mode:4} rep {rep}: {acc}, {rel}{cpu}{dl}"
+                        print(f"[{n}/{total}] {name:14} w={ingest.workers_label(w):2} s={sess:<3} {mode:4} rep {rep}: "
+                              f"{acc}, {rel}{cpu}{rss}{dl}"
                               f"{walls}{err}", file=sys.stderr, flush=True)
                         if r.notes:
                             print(f"    server log: {len(r.notes)} warning/error line(s), e.g.\n      "
                                   + "\n      ".join(r.notes[:3]), file=sys.stderr, flush=True)
                         if not r.ok:
                             status = 1
-    except (KeyboardInterrupt, Interrupted) as exc:
-        print(f"interrupted ({exc or 'SIGINT'}); reporting what was measured", file=sys.stderr)
+        create_end = create_cost_us(args.workdir)
+    if guard.interrupted:
         status = 130
-    finally:
-        kill_all()
-        create_end = float("nan")
-        if status != 130:
-            try:
-                create_end = create_cost_us(args.workdir)
-            except OSError:
-                pass
-        if own_workdir:
-            shutil.rmtree(args.workdir, ignore_errors=True)
-
     if not results:
         return status or 1
     text = report(results, args, started, load, facts, (create_start, create_end))
     print(text)
     if args.write_results:
-        stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-        heading = (f"## {stamp} — relay" + (" — DKIM RSA-2048 on" if args.dkim else "")
-                   + (f" — {args.title}" if args.title else ""))
-        new = not os.path.exists(args.results)
-        with open(args.results, "a") as f:
-            if new:
-                f.write("# Benchmark results\n\nAppended by `bench/run.sh --write-results` and "
-                        "`bench/relay.sh --write-results`; see bench/README.md for how to read them.\n")
-            f.write(f"\n{heading}\n\n{text}\n")
-        print(f"appended to {args.results}", file=sys.stderr)
+        title = "relay" + (" — DKIM RSA-2048 on" if args.dkim else "") + (f" — {args.title}" if args.title else "")
+        ingest.append_results(args.results, title, text)
     return status
 
 
