@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import smtplib
-import threading
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ import pytest
 
 from tests.integration.test_delivery import delivery_config, message, send, sinks  # noqa: F401 - fixture
 from tests.integration.test_queue_tools import listing, ok, queue
+from tests.support.load import Load
 from tests.support.proc import HOST, HedwigProcess, RawClient, free_port, read_spool, to_toml, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -48,61 +48,6 @@ def accepted_by(proc: HedwigProcess, msg_id: str) -> int:
         if f"msg_id={msg_id} accepted" in line:
             return int(re.search(r" pid=(\d+) ", line).group(1))  # type: ignore[union-attr]
     raise AssertionError(f"no accept line for {msg_id}")
-
-
-class Load:
-    """Client threads sending tagged messages until `total` are acknowledged or stopped.
-
-    A connection refused or cut (a worker killed, the server stopping) costs
-    that transaction only: it was never acknowledged, so nothing is owed for it.
-    """
-
-    def __init__(self, port: int, total: int, threads: int = 8) -> None:
-        self.port = port
-        self.total = total
-        self.acked: dict[str, str] = {}  # tag -> queue id
-        self.failures = 0
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._next = 0
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def start(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def _tag(self) -> str | None:
-        with self._lock:
-            if self._next >= self.total or self.stop.is_set():
-                return None
-            self._next += 1
-            return f"load-{self._next}"
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            tag = self._tag()
-            if tag is None:
-                return
-            try:
-                msg_id = send(self.port, [f"rcpt@{DOMAIN}"], message(tag))
-            except (OSError, AssertionError, EOFError, TimeoutError):
-                with self._lock:
-                    self.failures += 1
-                time.sleep(0.02)
-                continue
-            with self._lock:
-                self.acked[tag] = msg_id
-
-    def join(self, timeout: float = 60) -> None:
-        for t in self._threads:
-            t.join(timeout)
-            assert not t.is_alive(), "a load thread hung"
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.acked)
 
 
 def test_both_workers_accept_connections(hedwig, sinks) -> None:
