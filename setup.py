@@ -20,6 +20,7 @@ setup(
     packages=find_packages(include=["hedwig", "hedwig.*"]),
     python_requires=">=3.11",
     install_requires=requires,
+    extras_require={"redis": ["redis>=5"]},  # [server.rate_limits] backend = "redis"
     entry_points={"console_scripts": ["hedwig = hedwig.__main__:main"]},
     scripts=[],
     classifiers=[

@@ -90,6 +90,12 @@ def config_problem(config: Config) -> str | None:
         load_signer(config)
     except ConfigError as exc:
         return str(exc)
+    limits = config.server.rate_limits
+    if limits.enabled and limits.backend == "redis":
+        try:
+            import redis  # noqa: F401 - optional dependency of this backend only
+        except ImportError:
+            return 'config: server.rate_limits.backend: "redis" needs the redis package (pip install redis)'
     return None
 
 

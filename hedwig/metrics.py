@@ -64,6 +64,8 @@ hedwig_queue_depth                messages in the worker's spool not yet done (t
                                   worker sets it); livesum over live workers.
 hedwig_connection_pool_entries    idle outbound connections cached in the
                                   transport's pool; livesum over live workers.
+hedwig_ratelimit_fallback         1 while `backend = "redis"` cannot reach Redis and
+                                  a worker applies its local limits instead (livemax).
 
 Domain labels: `domain_label()` keeps the first DOMAIN_LABEL_LIMIT distinct
 domains a process sees as their own label values; every later domain is
@@ -147,6 +149,7 @@ worker_jobs_processed: Any = NOOP
 worker_job_duration: Any = NOOP
 send_latency: Any = NOOP
 send_attempts: Any = NOOP
+ratelimit_fallback: Any = NOOP
 
 # attribute -> (class, name, help, options): SPEC §8's metrics, each defined here once.
 DEFINITIONS: dict[str, tuple[type, str, str, dict[str, Any]]] = {
@@ -180,6 +183,9 @@ DEFINITIONS: dict[str, tuple[type, str, str, dict[str, Any]]] = {
     "send_attempts": (Counter, "hedwig_send_attempts_total",
                       "Delivery attempts per destination domain, by status (success|failure).",
                       {"labelnames": ("domain", "status")}),
+    "ratelimit_fallback": (Gauge, "hedwig_ratelimit_fallback",
+                           "1 while Redis (rate_limits.backend = redis) is unreachable and local limits apply.",
+                           {"multiprocess_mode": "livemax"}),
 }
 
 registry: CollectorRegistry | None = None  # init(None)'s registry; None in multiprocess mode

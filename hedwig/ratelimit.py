@@ -7,10 +7,19 @@ is due); that wait is not an attempt and holds no delivery greenlet.
 
 With `workers = N` each worker enforces `limit / N` (burst and rate, at least
 one token of burst), so the N processes together stay within the limit
-without sharing state. A backend with shared state (Redis) implements the
-same two calls, `wait(domain)` and `take(domain)`.
+without sharing state.
 
-Must not: do I/O (the local backend), sleep, or read the wall clock itself.
+`backend = "redis"` (`RedisLimiter`) keeps the same bucket per domain in
+Redis, shared by every worker of every node: one Lua script (registered once,
+one round trip per decision) refills and spends it atomically on the Redis
+server's clock, so nodes with skewed clocks still share one budget. When
+Redis cannot be reached, delivery goes on under a `LocalLimiter` (this node's
+share, split across its workers as for the local backend), a warning is logged
+once per outage, `hedwig_ratelimit_fallback` is 1, and Redis is tried again
+after RETRY_REDIS seconds; the shared buckets resume when it answers.
+
+Must not: sleep, read the wall clock itself, or let a Redis failure stop or
+bounce a message.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
+
+from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +115,91 @@ class LocalLimiter:
         return 0.0 if bucket is None else bucket.take(self.clock())
 
 
+# KEYS[1] the domain's bucket; ARGV: capacity, rate (tokens/s), "1" to spend a token.
+# Returns the wait in seconds as a string ("0" = a token was there), since Redis
+# would truncate a Lua number to an integer.
+BUCKET_SCRIPT = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1]) or capacity
+local stamp = tonumber(state[2]) or now
+if now > stamp then
+  tokens = math.min(capacity, tokens + (now - stamp) * rate)
+  stamp = now
+end
+if tokens < 1 then
+  return tostring((1 - tokens) / rate)
+end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'stamp', tostring(stamp))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
+end
+return '0'
+"""
+REDIS_TIMEOUT = 0.5  # seconds for a connection or a decision before falling back
+RETRY_REDIS = 1.0  # seconds between tries while Redis is unreachable
+
+
+class RedisLimiter:
+    """Shared buckets in Redis (whole limit, all nodes); `fallback` while Redis is unreachable."""
+
+    def __init__(self, client, key_prefix: str, default_limit: int | None,  # type: ignore[no-untyped-def]
+                 domain_limits: Mapping[str, int], fallback: LocalLimiter,
+                 clock: Callable[[], float] = time.monotonic, on_fallback: Callable[[bool], None] | None = None) -> None:
+        self.client = client
+        self.key_prefix = key_prefix
+        self.limits = LocalLimiter(default_limit, domain_limits)  # only for limit_for()
+        self.fallback = fallback
+        self.clock = clock
+        self.on_fallback = on_fallback or (lambda down: None)
+        self.script = client.register_script(BUCKET_SCRIPT)
+        self.down_until = 0.0  # while clock() < this, use the fallback without asking Redis
+        self.down = False
+
+    def wait(self, domain: str) -> float:
+        return self._decide(domain, take=False)
+
+    def take(self, domain: str) -> float:
+        return self._decide(domain, take=True)
+
+    def _decide(self, domain: str, take: bool) -> float:
+        limit = self.limits.limit_for(domain)
+        if limit <= 0:
+            return 0.0
+        local = self.fallback.take if take else self.fallback.wait
+        if self.down and self.clock() < self.down_until:
+            return local(domain)
+        try:
+            answer = self.script(keys=[self.key_prefix + "ratelimit:" + domain.lower()],
+                                 args=[limit, limit / 60.0, "1" if take else "0"])
+        except Exception as exc:  # noqa: BLE001 - any Redis failure: go on under local limits
+            if not self.down:
+                log.warning("rate limits: Redis unreachable (%s); using this node's local limits until it is back",
+                            exc)
+                self.down = True
+                self.on_fallback(True)
+            self.down_until = self.clock() + RETRY_REDIS
+            return local(domain)
+        if self.down:
+            log.warning("rate limits: Redis is back; shared limits again")
+            self.down = False
+            self.on_fallback(False)
+        return float(answer)
+
+
 def make_limiter(rate_limits, workers: int = 1) -> Limiter:  # type: ignore[no-untyped-def]
     """The limiter `[server.rate_limits]` asks for."""
     if not rate_limits.enabled:
         return Unlimited()
-    if rate_limits.backend != "local":
-        log.warning("rate_limits.backend = %r is not supported by this version yet: "
-                    "enforcing the limits per process", rate_limits.backend)
-    return LocalLimiter(rate_limits.default_limit, rate_limits.domain_limits, workers)
+    local = LocalLimiter(rate_limits.default_limit, rate_limits.domain_limits, workers)
+    if rate_limits.backend != "redis":
+        return local
+    import redis  # optional (SPEC): only this backend needs it; checked by config_problem()
+
+    client = redis.Redis.from_url(rate_limits.redis_url, socket_timeout=REDIS_TIMEOUT,
+                                  socket_connect_timeout=REDIS_TIMEOUT, health_check_interval=30)
+    return RedisLimiter(client, rate_limits.key_prefix, rate_limits.default_limit, rate_limits.domain_limits,
+                        local, on_fallback=lambda down: metrics.ratelimit_fallback.set(1 if down else 0))
