@@ -260,6 +260,13 @@ class Server:
     argv: list[str]
     spool: str | None
     log_path: str
+    upstream: socket.socket | None = None  # Hedwig's stalled next hop, see stalled_upstream()
+
+    def close_upstream(self) -> None:
+        """Resets the connections Hedwig has waiting on its next hop, so that it stops without waiting for them."""
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
 
     def count(self) -> int | None:
         if self.name.startswith("hedwig"):
@@ -294,14 +301,37 @@ level = "warn"
 workers = {workers}
 hostname = "bench.test"
 disk_reserve = 0
+outbound_local = true
 
 [[server.listeners]]
 addr = "127.0.0.1:{port}"
+
+[server.routes]
+"*" = "127.0.0.1:{upstream}"
 
 [storage]
 base_path = "{spool}"
 fsync = {fsync}
 """
+
+
+def stalled_upstream() -> socket.socket:
+    """A next hop that never answers: a listening socket nobody accepts on.
+
+    Hedwig's ingest runs route all mail to it, so every delivery waits for a
+    greeting that never comes (at most delivery_concurrency of them, holding
+    no CPU) and the run measures the accept path alone, as the aiosmtpd peer
+    and smtp-sink do nothing after the 250 either. Without a route the
+    recipients' domain (example.test) is looked up: a resolver that answers
+    NXDOMAIN at once makes every message bounce during the run (a bounced/
+    file written and synced per message), one that does not answer makes it
+    wait, so the cost would depend on the machine's DNS. bench/relay.py
+    measures delivery.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    return sock
 
 
 def make_server(name: str, run_dir: str, port: int, args: argparse.Namespace, workers: int | None = None) -> Server:
@@ -311,11 +341,12 @@ def make_server(name: str, run_dir: str, port: int, args: argparse.Namespace, wo
     if name in ("hedwig-fsync", "hedwig-nofsync"):
         fsync = name == "hedwig-fsync"
         conf = os.path.join(run_dir, "hedwig.toml")
+        upstream = stalled_upstream()
         with open(conf, "w") as f:
             f.write(HEDWIG_CONF.format(port=port, spool=spool, fsync="true" if fsync else "false",
-                                       workers=workers or 1))
+                                       workers=workers or 1, upstream=upstream.getsockname()[1]))
         argv = [py, os.path.join(ROOT, "hedwig.py"), "serve", "--config", conf]
-        return Server(name, "on" if fsync else "off", argv, spool, log_path)
+        return Server(name, "on" if fsync else "off", argv, spool, log_path, upstream)
     if name in ("aiosmtpd-fsync", "aiosmtpd-nofsync"):
         fsync = name == "aiosmtpd-fsync"
         argv = [py, os.path.join(BENCH, "aiosmtpd_peer.py"), "--port", str(port), "--spool", spool,
@@ -417,6 +448,7 @@ def measure(name: str, workers: int | None, sessions: int, mode: str, repeat: in
                 if proc.poll() is None or attempt == 2:
                     raise
                 stop(proc)
+                srv.close_upstream()
                 proc = None
                 shutil.rmtree(run_dir, ignore_errors=True)
                 os.makedirs(run_dir, mode=0o700)
@@ -437,6 +469,7 @@ def measure(name: str, workers: int | None, sessions: int, mode: str, repeat: in
         res.server_cpu_ms = (cpu1 - cpu0) * 1000 / args.messages
         res.client_cpu_ms = client_cpu * 1000 / args.messages if status is not None else None
         alive = proc.poll() is None
+        srv.close_upstream()
         stop(proc)
         if not alive:
             res.ok = False
@@ -448,6 +481,8 @@ def measure(name: str, workers: int | None, sessions: int, mode: str, repeat: in
     except RuntimeError as exc:
         res.error = str(exc)
     finally:
+        if srv is not None:
+            srv.close_upstream()
         if proc is not None:
             stop(proc)
         if srv is not None and (not res.ok or args.verbose):
@@ -599,7 +634,9 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         f"- load generator: `{_cmd(source_argv(args, 64, 'conn', 0)).replace(':0', ':' + example_port)}` "
         "(per-conn; `-d` added for the -d rows)",
         "- servers: hedwig = `python hedwig.py serve --config FILE` ([log] level = \"warn\", disk_reserve = 0, "
-        "one listener, `workers` as in the table: a master and that many workers, `[storage] fsync` true/false); "
+        "one listener, `workers` as in the table: a master and that many workers, `[storage] fsync` true/false, "
+        "`outbound_local = true`, `[server.routes] \"*\"` = a stalled next hop: a socket that listens and never "
+        "accepts, so no delivery completes during the run); "
         f"aiosmtpd = `python bench/aiosmtpd_peer.py --threads {args.peer_threads} [--no-fsync]`; "
         f"smtp-sink = `smtp-sink -c 127.0.0.1:PORT 1000` (`-u nobody` added when run as root)",
         "",
