@@ -15,7 +15,9 @@ happened per recipient:
   bounced.
 
 A crash between sending and recording means the message is sent again after
-restart (at-least-once): nothing is marked done before it is.
+restart (at-least-once): nothing is marked done before it is. An outcome the
+spool cannot write now (a full disk) is offered again until it is written;
+the message is never attempted again for it (that would send it again).
 
 Must not: speak SMTP itself (transport.py), decide routes (routing.py),
 parse replies (outcome.py) or know DKIM (signing.py).
@@ -26,7 +28,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import gevent
 from gevent.pool import Pool
@@ -41,7 +44,7 @@ from .routing import Deliver
 from .scheduler import Scheduler, retry_delay
 from .signing import Signer
 from .smtp.address import domain_of
-from .spool import DamagedMessage, Envelope, QueueEntry, Spool, id_time
+from .spool import DamagedMessage, Envelope, QueueEntry, Spool, SpoolError, id_time
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,12 @@ WAITING = "waiting"  # a recipient whose domain has no rate-limit token yet (not
 # would not give the hub back any sooner; larger bodies are signed in the
 # threadpool, where the hub gets the GIL back every 5 ms.
 SIGN_IN_THREAD = 64 << 10
+# An outcome the spool cannot take now (a full disk) is offered again after this
+# long, doubling up to RECORD_RETRY_MAX: the attempt is never made again for it.
+RECORD_RETRY = 0.5
+RECORD_RETRY_MAX = 10.0
+
+T = TypeVar("T")
 
 
 def group_by_domain(recipients: Sequence[str]) -> dict[str, list[str]]:
@@ -279,13 +288,14 @@ class Delivery:
             else:  # only rate limits hold it: come back when the first token is due
                 entry.due = time.time() + min(self.limiter.wait(domain_of(r.recipient)) for r in waiting)
             if changed:
-                self.spool.record_state(entry)
+                self._recorded(entry, "deferral", lambda: self.spool.record_state(entry))
             self.scheduler.release(entry, requeue=True)
             if deferred:  # held back by rate limits alone is no deferral (SPEC §7)
                 metrics.emails_deferred.inc()
             return
         if bounced:
-            path = self.spool.write_bounced(entry, body, bounce_report(env, bounced))
+            report = bounce_report(env, bounced)
+            path = self._recorded(entry, "bounce", lambda: self.spool.write_bounced(entry, body, report))
             log.info("bounced", extra=fields(msg_id=entry.msg_id, rcpts=len(bounced), kept=path))
             self._finish(entry, "expired" if expired else "bounced")
             metrics.emails_bounced.inc()
@@ -296,5 +306,26 @@ class Delivery:
             metrics.emails_sent.inc()
 
     def _finish(self, entry: QueueEntry, outcome: str) -> None:
-        self.spool.finish(entry, outcome)
+        self._recorded(entry, outcome, lambda: self.spool.finish(entry, outcome))
         self.scheduler.release(entry, requeue=False)
+
+    def _recorded(self, entry: QueueEntry, what: str, record: Callable[[], T]) -> T:
+        """`record()` an outcome this attempt already reached, waiting until the spool takes it.
+
+        A spool that cannot write now (a full disk: SpoolError or OSError) must
+        not make the message go round again: it was delivered, bounced or
+        deferred, and another attempt would send it again -- once per retry for
+        as long as the disk stays full. The delivery greenlet holds the message
+        and offers the record again (0.5 s doubling to 10 s). A stop kills the
+        greenlet meanwhile: the message has no done line and is delivered again
+        after the restart (at-least-once), once.
+        """
+        delay = RECORD_RETRY
+        while True:
+            try:
+                return record()
+            except (SpoolError, OSError) as exc:
+                log.error("outcome not recorded; trying again", extra=fields(
+                    msg_id=entry.msg_id, outcome=what, error=str(exc), retry_in=delay))
+                gevent.sleep(delay)
+                delay = min(2 * delay, RECORD_RETRY_MAX)

@@ -674,6 +674,7 @@ class Spool:
                     log.error("spool write failed for %d jobs: %s", len(batch), exc)
                 for job in batch:
                     job.result.set_exception(SpoolError(str(exc)))
+                self._reclaim[:0] = reclaim  # not deleted yet: the next batch tries again
                 continue
             finally:
                 self._busy = False
@@ -725,32 +726,41 @@ class Spool:
     def _write_batch(self, batch: list[_Job], reclaim: list[str]) -> list[Location | None]:
         """In a native thread: append records and journal lines, then one sync per file.
 
-        A failed append is undone (the segment is cut back to where the batch
-        began, so no torn record sits before later ones) and fails this batch
-        only; a failed sync raises SyncFailed and the spool stops accepting.
+        A failed append (e.g. ENOSPC) is undone: the segment is cut back to where
+        the batch began, so no torn record sits before later ones, and every
+        journal the batch touched is cut back to its size before it, so no torn
+        line swallows the next one appended (nor a line the batch's callers
+        were told failed stays). It fails this batch only; a failed sync, or an
+        undo that fails, raises SyncFailed and the spool stops accepting.
         """
         writers = [j.writer for j in batch if j.writer is not None]
         records: list[Location] = []
-        if writers:
-            if self._seg_fd < 0 or self._seg_size >= SEGMENT_MAX:
-                self._new_segment()
-            start = self._seg_size
-            try:
-                records = self._write_records(writers)
-            except OSError:
-                try:
-                    os.ftruncate(self._seg_fd, start)
-                    os.lseek(self._seg_fd, start, os.SEEK_SET)
-                except OSError as exc:
-                    raise SyncFailed(f"cannot undo a failed append: {exc}") from exc
-                self._seg_size = start
-                raise
+        if writers and (self._seg_fd < 0 or self._seg_size >= SEGMENT_MAX):
+            self._new_segment()
+        start = self._seg_size
         lines: dict[str, list[bytes]] = {}
         for job in batch:
             if job.line:
                 lines.setdefault(job.journal, []).append(job.line)
-        for path, chunk in lines.items():
-            _write_all(self._journal_fd(path), b"".join(chunk))
+        sizes: dict[int, int] = {}  # journal fd -> its size before this batch
+        try:
+            if writers:
+                records = self._write_records(writers)
+            for path, chunk in lines.items():
+                fd = self._journal_fd(path)
+                sizes[fd] = os.fstat(fd).st_size
+                _write_all(fd, b"".join(chunk))
+        except OSError:
+            try:
+                if writers:
+                    os.ftruncate(self._seg_fd, start)
+                    os.lseek(self._seg_fd, start, os.SEEK_SET)
+                    self._seg_size = start
+                for fd, size in sizes.items():
+                    os.ftruncate(fd, size)  # O_APPEND: the next line starts there
+            except OSError as exc:
+                raise SyncFailed(f"cannot undo a failed append: {exc}") from exc
+            raise
         if self.fsync:
             try:
                 if writers:
