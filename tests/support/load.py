@@ -5,11 +5,13 @@
     load.stop.set(); load.join()
     load.acked                 # tag -> queue id of every 250 a client read
     load.unsure                # tags whose final dot was sent but whose reply never came
+    load.refused               # tag -> the code that refused it (MAIL, RCPT, DATA, the dot)
     sink_tags(sink)            # every tag the sink received, one entry per copy
 
-Each message carries a unique tag as its Subject (and Message-ID), one
-recipient, and goes out in one pipelined transaction (MAIL, RCPT, DATA in
-one write). A thread keeps its connection for `per_connection` messages,
+Each message carries a unique tag as its Subject (and Message-ID), made by
+`content(tag)` (default `tagged`: a short message; a bigger one must keep
+that header section), one recipient (`rcpt`) or several (a sequence), and
+goes out in one pipelined transaction (MAIL, RCPT..., DATA in one write). A thread keeps its connection for `per_connection` messages,
 then opens a new one (1: a connection per message, so with several workers
 every worker gets a share). A refused, cut or 4xx transaction costs that tag
 only: it was never acknowledged, so nothing is owed for it; the thread
@@ -25,6 +27,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tests.support.proc import RawClient, Reply, dot_stuff, queued_id
@@ -54,16 +57,19 @@ class Load:
     Each thread gives up after `limit` seconds (a bounded load, never a hang).
     """
 
-    def __init__(self, port: int, total: int, threads: int = 8, *, rcpt: str = "rcpt@sink.test",
-                 per_connection: int = 1, prefix: str = "load", limit: float = 60.0) -> None:
+    def __init__(self, port: int, total: int, threads: int = 8, *, rcpt: str | Sequence[str] = "rcpt@sink.test",
+                 per_connection: int = 1, prefix: str = "load", limit: float = 60.0,
+                 content: Callable[[str], bytes] = tagged) -> None:
         self.port = port
         self.total = total
-        self.rcpt = rcpt
+        self.rcpts = (rcpt,) if isinstance(rcpt, str) else tuple(rcpt)
+        self.content = content
         self.per_connection = per_connection
         self.prefix = prefix
         self.limit = limit
         self.acked: dict[str, str] = {}  # tag -> queue id
         self.unsure: set[str] = set()
+        self.refused: dict[str, int] = {}
         self.failures = 0
         self.stop = threading.Event()
         self._lock = threading.Lock()
@@ -93,14 +99,20 @@ class Load:
         return client
 
     def _send(self, client: RawClient, tag: str) -> str:
-        """One transaction; the queue id of its 250 (anything else raises)."""
-        client.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{self.rcpt}>\r\nDATA\r\n".encode())
-        client.expect(250)
-        client.expect(250)
-        client.expect(354)
-        reply = self._data(client, tag, tagged(tag))
-        assert reply.code == 250, reply.raw
+        """One transaction; the queue id of its 250 (anything else raises; a refusal is noted)."""
+        rcpts = "".join(f"RCPT TO:<{rcpt}>\r\n" for rcpt in self.rcpts)
+        client.send(f"MAIL FROM:<{SENDER}>\r\n{rcpts}DATA\r\n".encode())
+        for want in (250, *(250 for _ in self.rcpts), 354):
+            self._check(tag, client.read_reply(), want)
+        reply = self._data(client, tag, self.content(tag))
+        self._check(tag, reply, 250)
         return queued_id(reply.text)
+
+    def _check(self, tag: str, reply: Reply, want: int) -> None:
+        if reply.code != want:
+            with self._lock:
+                self.refused.setdefault(tag, reply.code)
+            raise AssertionError(f"{tag}: expected {want}, got {reply.raw!r}")
 
     def _data(self, client: RawClient, tag: str, data: bytes) -> Reply:
         """After the 354: the message and its final dot, then the reply; no reply makes `tag` unsure."""

@@ -8,7 +8,10 @@ Records every transaction that reached the final dot in `messages`
 (`Message(mail_from, rcpt_tos, data, peer, tls)`, a 5-tuple), and counts TCP
 connections: `connections` (opened since start), `active` (open now),
 `max_active` (most open at once), plus `rsets`, `helos` (EHLO/HELO names)
-and `mail_options` (MAIL parameters, one list per MAIL).  The trigger
+and `mail_options` (MAIL parameters, one list per MAIL).  Messages that reached the final dot
+but were never answered (hang_after_data, close_before_reply) are in
+`messages` and also in `unanswered`: the copies a client may send again.
+The trigger
 connection aiosmtpd's Controller makes at start-up is not counted.
 
 Behaviour is scriptable, and may be changed between sends (plain attributes):
@@ -17,7 +20,11 @@ Behaviour is scriptable, and may be changed between sends (plain attributes):
         {address: reply} (others get "250 OK").  Only 2xx accepts.
   ehlo_reply        refuse EHLO with this reply (the client should fall back to HELO)
   greeting          send this instead of the 220 greeting and close ("421 go away")
-  hang_after_data   never answer the final dot (the client must time out)
+  hang_after_data   never answer the final dot (the client must time out); True,
+        or a callable(Message) -> bool deciding per message
+  close_before_reply  take the whole message, then close the connection
+        without answering the final dot (the client cannot know whether it
+        arrived); True, or a callable(Message) -> bool deciding per message
   drop_in_data      close the connection after 354 and the first bytes of the message
   tls               (cert, key) or a server ssl.SSLContext: offer STARTTLS (not required)
   smtputf8          advertise SMTPUTF8 (default True)
@@ -72,6 +79,10 @@ def _reply(spec: ReplySpec, arg: str, default: str = "250 OK") -> str:
     return spec(arg)
 
 
+def _decide(flag: bool | Callable[[Message], bool], message: Message) -> bool:
+    return bool(flag(message)) if callable(flag) else bool(flag)
+
+
 class _Handler:
     """aiosmtpd hooks: record, and reply as the sink is scripted to."""
 
@@ -117,7 +128,13 @@ class _Handler:
                           bytes(envelope.original_content or b""), session.peer,
                           session.ssl is not None)
         self.sink.messages.append(message)
-        if self.sink.hang_after_data:
+        if _decide(self.sink.close_before_reply, message):
+            self.sink.unanswered.append(message)
+            assert server.transport is not None
+            server.transport.close()  # the message is here; the client never hears so
+            await asyncio.sleep(3600)  # cancelled by the close
+        if _decide(self.sink.hang_after_data, message):
+            self.sink.unanswered.append(message)
             await asyncio.sleep(3600)  # cancelled when the client gives up and closes
         spec = self.sink.data_reply
         if spec is None:
@@ -136,7 +153,8 @@ class _SinkSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None  # called again on STARTTLS with the TLS transport
         super().connection_made(transport)
-        if first and not self._counted:
+        probe = transport.get_extra_info("peername") == self._sink._probe_peer
+        if first and not self._counted and not probe:
             self._counted = True
             self._sink._opened(self)
 
@@ -180,13 +198,28 @@ class _Controller(Controller):
     def _create_server(self) -> Any:
         return self.loop.create_server(self._factory_invoker, sock=self._sock)
 
+    def _trigger_server(self) -> None:
+        """aiosmtpd's start-up probe, from an address the sink knows, so it is never counted.
+
+        Clients may connect at once (a relay retrying a port that was down): the
+        probe cannot be told from them by timing, only by its address.
+        """
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((HOST, 0))
+            self._sink._probe_peer = probe.getsockname()
+            probe.settimeout(1.0)
+            probe.connect((HOST, self.port))
+            probe.recv(1024)
+
 
 class Sink:
     def __init__(self, port: int = 0, tls: tuple[str, str] | ssl.SSLContext | None = None, *,
                  mail_reply: ReplySpec = None, rcpt_reply: ReplySpec = None,
                  data_reply: str | Callable[[Message], str] | None = None,
                  ehlo_reply: str | None = None, greeting: str | None = None,
-                 hang_after_data: bool = False, drop_in_data: bool = False,
+                 hang_after_data: bool | Callable[[Message], bool] = False,
+                 drop_in_data: bool = False,
+                 close_before_reply: bool | Callable[[Message], bool] = False,
                  smtputf8: bool = True, hostname: str = "sink.test") -> None:
         self.mail_reply = mail_reply
         self.rcpt_reply = rcpt_reply
@@ -195,7 +228,9 @@ class Sink:
         self.greeting = greeting
         self.hang_after_data = hang_after_data
         self.drop_in_data = drop_in_data
+        self.close_before_reply = close_before_reply
         self.messages: list[Message] = []
+        self.unanswered: list[Message] = []
         self.helos: list[str] = []
         self.mail_options: list[list[str]] = []
         self.rsets = 0
@@ -221,12 +256,9 @@ class Sink:
             self, sock, server_hostname=hostname, decode_data=False,
             enable_SMTPUTF8=smtputf8, tls_context=tls_context, require_starttls=False,
             data_size_limit=64 * 1024 * 1024, ready_timeout=STOP_TIMEOUT)
+        self._probe_peer: Any = None  # the Controller's start-up probe: not counted
         self._controller.start()
         self._stopped = False
-        # Forget the Controller's start-up probe connection.
-        self.wait(lambda: self.active == 0, what="the start-up probe to close")
-        with self._lock:
-            self.connections = self.max_active = 0
 
     # -- called on the sink's loop thread ---------------------------------------------
 
