@@ -31,6 +31,7 @@ STATUS_NULL_MX = "5.1.10"  # RFC 7505 §4.2: recipient address has null MX
 STATUS_NO_DOMAIN = "5.1.2"  # bad destination system address
 STATUS_NO_ROUTE = "5.4.4"  # unable to route
 STATUS_DNS_TEMPFAIL = "4.4.3"  # directory (DNS) server failure
+STATUS_NO_ROUTE_YET = "4.4.4"  # unable to route, for now
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +252,10 @@ def _plan_mx(
         return Deliver(tuple(targets))
     if tempfail is not None:
         return Fail(False, f"no MX host address available ({tempfail})", STATUS_DNS_TEMPFAIL)
-    return Fail(True, "MX hosts have no addresses", STATUS_NO_ROUTE)
+    # Deferred, not bounced (unlike Postfix's default): MX records naming hosts
+    # without addresses are most often a zone in the middle of a change, and
+    # max_retries still bounces the mail if it never gets fixed.
+    return Fail(False, "MX hosts have no addresses", STATUS_NO_ROUTE_YET)
 
 
 def _lookup(addresses: Mapping[str, Answer], name: str) -> Answer:

@@ -96,11 +96,6 @@ def test_truncated_udp_answer_is_retried_over_tcp(hedwig, sinks, dns, fault_repo
                  f"TCP={dns.tcp_queries[(DOMAIN, 'MX')]} in {time.monotonic() - started:.1f}s")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "hedwig/routing.py bounces at once when every MX host has no address ('MX hosts have no "
-    "addresses', 5.4.4, permanent, unit-tested in tests/unit/test_routing.py; Postfix's default "
-    "smtp_defer_if_no_mx_address_found = no does the same), while the fault suite's promise is a "
-    "deferral until the zone is fixed. A product decision, reported, not changed here."))
 def test_mx_pointing_to_a_name_without_addresses_defers(hedwig, sinks, dns, fault_report) -> None:
     """Promise (the issue's DNS fault): MX records that point to a name with no A/AAAA records
     (a zone mid-change) defer the mail rather than bounce it; once the address is published,
