@@ -22,7 +22,9 @@ so a scan can hop from header to header without reading bodies;
 `payload_crc` covers meta and body and is checked whenever a body is read.
 A torn record (a crash in the middle of an append) fails its header check or
 runs past the end of the file, and the scan of that segment stops there; such
-a record was never acknowledged.
+a record was never acknowledged. A header damaged in the middle of a segment
+costs only its own record: the scan resumes at the next whole record and the
+skipped bytes go to quarantine/ (iter_records, _keep_damage).
 
 Record types: MESSAGE (meta = envelope, body = the message as it will be
 delivered: our Received header, then the client's bytes). Delivery adds
@@ -69,7 +71,7 @@ import secrets
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import gevent
@@ -174,11 +176,17 @@ def pack_header(kind: int, msg_id: str, meta_len: int, body_len: int, payload_cr
     return head + struct.pack("<II", zlib.crc32(head), payload_crc)
 
 
-def iter_records(path: str) -> Iterator[Location]:
-    """Every intact record header of one segment, in order; stops at a torn or damaged one.
+def iter_records(path: str, on_damage: Callable[[int, int], None] | None = None) -> Iterator[Location]:
+    """Every intact record header of one segment, in order.
 
-    Reads headers only (one pread each), never payloads. Safe on a segment that
-    a running server is appending to: a half-written tail looks torn and ends the scan.
+    Reads headers only (one pread each), never payloads, while the records
+    chain. A header with a good CRC whose record runs past the end of the file
+    is a torn tail (a crash mid-append; never acknowledged): the scan ends.
+    A header that fails its magic or CRC is either a torn tail too or damage in
+    the middle (a flipped bit): the scan looks for the next offset holding a
+    whole record whose header *and* payload check out, and goes on from there
+    after telling `on_damage(start, end)` about the bytes it skipped; if there
+    is none, that was the tail. Safe on a segment a running server appends to.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -188,20 +196,69 @@ def iter_records(path: str) -> Iterator[Location]:
         size = os.fstat(fd).st_size
         offset = 0
         while offset + HEADER.size <= size:
-            raw = os.pread(fd, HEADER.size, offset)
-            magic, kind, _flags, _res, raw_id, meta_len, body_len, header_crc, payload_crc = HEADER.unpack(raw)
-            if magic != MAGIC or zlib.crc32(raw[:HEADER_CRC_SPAN]) != header_crc:
+            loc = _header_at(fd, path, offset)
+            if loc is not None and loc.end <= size:
+                yield loc
+                offset = loc.end
+                continue
+            resume = None if loc is not None else _resync(fd, path, offset + 1, size)
+            if resume is None:
                 break
-            loc = Location(path, offset, kind, raw_id.decode("ascii", "replace"), meta_len, body_len, payload_crc)
-            if loc.end > size:
-                break
-            yield loc
-            offset = loc.end
+            log.error("segment %s: %d damaged bytes at offset %d skipped; the records after them are read",
+                      os.path.basename(path), resume - offset, offset)
+            if on_damage is not None:
+                on_damage(offset, resume)
+            offset = resume
         if offset != size:
-            log.info("segment %s: %d bytes after offset %d are torn or damaged; ignored",
+            log.info("segment %s: %d bytes after offset %d are torn; ignored",
                      os.path.basename(path), size - offset, offset)
     finally:
         os.close(fd)
+
+
+def _header_at(fd: int, path: str, offset: int) -> Location | None:
+    """The record whose header at `offset` passes its magic and CRC, or None."""
+    raw = os.pread(fd, HEADER.size, offset)
+    if len(raw) < HEADER.size:
+        return None
+    magic, kind, _flags, _res, raw_id, meta_len, body_len, header_crc, payload_crc = HEADER.unpack(raw)
+    if magic != MAGIC or zlib.crc32(raw[:HEADER_CRC_SPAN]) != header_crc:
+        return None
+    return Location(path, offset, kind, raw_id.decode("ascii", "replace"), meta_len, body_len, payload_crc)
+
+
+RESYNC_CHUNK = 1 << 20
+
+
+def _resync(fd: int, path: str, start: int, size: int) -> int | None:
+    """The first offset >= start of a whole record (header and payload check out), or None.
+
+    Only after a header that failed its CRC: a record's claimed span is never
+    searched (its body may hold anything, records included).
+    """
+    pos = start
+    while pos + HEADER.size <= size:
+        chunk = os.pread(fd, RESYNC_CHUNK + len(MAGIC) - 1, pos)
+        at = chunk.find(MAGIC)
+        while at >= 0:
+            loc = _header_at(fd, path, pos + at)
+            if loc is not None and loc.end <= size and _payload_ok(fd, loc):
+                return loc.offset
+            at = chunk.find(MAGIC, at + 1)
+        pos += RESYNC_CHUNK
+    return None
+
+
+def _payload_ok(fd: int, loc: Location) -> bool:
+    crc, pos, left = 0, loc.offset + HEADER.size, loc.meta_len + loc.body_len
+    while left > 0:
+        data = os.pread(fd, min(left, RESYNC_CHUNK), pos)
+        if not data:
+            return False
+        crc = zlib.crc32(data, crc)
+        pos += len(data)
+        left -= len(data)
+    return crc == loc.payload_crc
 
 
 def read_payload(loc: Location) -> tuple[bytes, bytes]:
@@ -474,7 +531,7 @@ class Spool:
                 self._seg_seq = max(self._seg_seq, seq)
             states, done = load_journal(journal_path(path), repair=True)
             live = 0
-            for loc in iter_records(path):
+            for loc in iter_records(path, on_damage=lambda start, end, path=path: self._keep_damage(path, start, end)):
                 if loc.kind != MESSAGE or loc.msg_id in done or loc.msg_id in self.entries:
                     continue
                 entry = QueueEntry(loc.msg_id, loc)
@@ -618,6 +675,31 @@ class Spool:
         if self.fsync:
             _fsync_dir(self.quarantine_dir)
         return target
+
+    def _keep_damage(self, segment: str, start: int, end: int) -> None:
+        """Bytes the scan skipped in the middle of a segment: a copy for a human, before the segment can go.
+
+        Named after the message if its id can still be read (its envelope
+        follows the header), else after the segment and offset. Written once:
+        a later start finds the copy there already.
+        """
+        with open(segment, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+        m = re.search(rb'"msg_id":"([0-9A-Z]{26})"', raw[:4096])
+        name = m.group(1).decode() if m and is_id(m.group(1).decode()) else \
+            f"{os.path.basename(segment)[:-4]}-{start:x}"
+        target = os.path.join(self.quarantine_dir, name + ".rec")
+        if os.path.exists(target):
+            return
+        reason = (f"damaged record header in {os.path.basename(segment)} at offset {start}: "
+                  f"{end - start} bytes skipped by the scan, kept here as found\n")
+        for path, data in ((target, raw), (target[:-4] + ".reason", reason.encode())):
+            self._write_file(path, data)
+        if self.fsync:
+            _fsync_dir(self.quarantine_dir)
+        log.error("segment %s: damaged bytes at offset %d quarantined as %s",
+                  os.path.basename(segment), start, target)
 
     def remove_bounced_older_than(self, cutoff: float) -> int:
         """Cleanup: delete kept bounces whose files are older than `cutoff` (epoch seconds)."""

@@ -14,7 +14,8 @@
   with the server stopped or running): that message is quarantined
   (quarantine/<id>.rec + .reason, a log line), the server keeps running and
   the rest of the queue is delivered. A flipped byte in a record's *header*
-  is a known gap (xfail): it hides every later record of its segment.
+  costs that record alone: the scan resynchronises on the next whole record,
+  and the skipped bytes are quarantined under the message's id.
 
 Every scenario ends with the conservation check (tests/support/conservation.py)
 at a quiet moment.
@@ -335,13 +336,6 @@ def corrupt_header_byte(spool: Path, msg_id: str) -> Path:
     raise AssertionError(f"{msg_id} not in any segment")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "hedwig/spool.py iter_records() ends a segment's scan at the first header that fails its CRC, "
-    "as it must for a torn tail; but a damaged header in the middle hides every later record of the "
-    "segment (acknowledged mail), logged at info level only, and the segment is reclaimed -- deleted "
-    "-- once the records before the damage are done. Resynchronising on the next valid header "
-    "(and quarantining the bytes between) is a design change of the on-disk format's reader; "
-    "reported, not made here."))
 def test_a_damaged_record_header_hides_no_later_message(hedwig, sinks, fault_report) -> None:
     """Promise (the issue: a damaged queue file is quarantined, never blocking the rest): one
     flipped byte in the header of the 5th of 20 queued messages (server stopped) costs at most

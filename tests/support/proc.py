@@ -373,27 +373,56 @@ class Record:
 def parse_segment(data: bytes) -> tuple[list[Record], int]:
     """(intact records, bytes of torn tail) of one log segment.
 
-    A record whose header fails its magic or CRC, or that runs past the end,
-    ends the segment: that is a torn append (never acknowledged). A record with
-    a good header and length whose payload fails its CRC is damage: DamagedFile.
+    A record with a good header that runs past the end ends the segment: a torn
+    append (never acknowledged). A header that fails its magic or CRC is damage
+    if a whole record (header and payload CRCs good, within the file) starts at
+    a later offset: the scan goes on from the first such offset; otherwise it is
+    the torn tail. A record with a good header and length whose payload fails
+    its CRC is damage: DamagedFile.
     """
     records: list[Record] = []
     offset = 0
     size = RECORD_HEADER.size
     while offset + size <= len(data):
-        raw = data[offset:offset + size]
-        magic, kind, _flags, _res, raw_id, meta_len, body_len, header_crc, payload_crc = RECORD_HEADER.unpack(raw)
-        if magic != RECORD_MAGIC or zlib.crc32(raw[:RECORD_CRC_SPAN]) != header_crc:
+        found = _record_at(data, offset)
+        if found is None:
+            resume = next((p for p in _magic_offsets(data, offset + 1) if _record_at(data, p, check=True)), None)
+            if resume is None:
+                break
+            offset = resume
+            continue
+        if found == "torn":
             break
-        end = offset + size + meta_len + body_len
-        if end > len(data):
-            break
-        payload = data[offset + size:end]
-        if zlib.crc32(payload) != payload_crc:
-            raise DamagedFile(f"record at {offset} ({raw_id!r}): payload CRC mismatch")
-        records.append(Record(kind, raw_id.decode("ascii"), payload[:meta_len], payload[meta_len:], offset))
+        rec, end = found
+        records.append(rec)
         offset = end
     return records, len(data) - offset
+
+
+def _magic_offsets(data: bytes, start: int):  # type: ignore[no-untyped-def]
+    at = data.find(RECORD_MAGIC, start)
+    while at >= 0:
+        yield at
+        at = data.find(RECORD_MAGIC, at + 1)
+
+
+def _record_at(data: bytes, offset: int, check: bool = False):  # type: ignore[no-untyped-def]
+    """(Record, end), "torn" (good header, runs past the end), or None (bad header)."""
+    raw = data[offset:offset + RECORD_HEADER.size]
+    if len(raw) < RECORD_HEADER.size:
+        return None
+    magic, kind, _flags, _res, raw_id, meta_len, body_len, header_crc, payload_crc = RECORD_HEADER.unpack(raw)
+    if magic != RECORD_MAGIC or zlib.crc32(raw[:RECORD_CRC_SPAN]) != header_crc:
+        return None
+    end = offset + RECORD_HEADER.size + meta_len + body_len
+    if end > len(data):
+        return None if check else "torn"
+    payload = data[offset + RECORD_HEADER.size:end]
+    if zlib.crc32(payload) != payload_crc:
+        if check:
+            return None
+        raise DamagedFile(f"record at {offset} ({raw_id!r}): payload CRC mismatch")
+    return Record(kind, raw_id.decode("ascii"), payload[:meta_len], payload[meta_len:], offset), end
 
 
 def read_segment(path: Path | str) -> tuple[list[Record], int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+import zlib
 
 import gevent
 import pytest
@@ -121,18 +122,48 @@ def test_damaged_body_is_detected(spool):
         spool.read(msg_id)
 
 
-def test_damaged_header_ends_the_scan_of_that_segment(tmp_path):
+def test_a_damaged_header_costs_only_its_record_which_is_quarantined(tmp_path):
     base = str(tmp_path / "spool")
     s = Spool(base)
     s.open()
-    ids = [accept(s, b"y" * 10, i) for i in range(3)]
+    ids = [accept(s, b"y" * 10, i) for i in range(5)]
     loc = s.entries[ids[1]].loc
     s.close()
     with open(loc.path, "r+b") as f:
-        f.seek(loc.offset + 10)
+        f.seek(loc.offset + 10)  # inside the id field: the header CRC fails
         f.write(b"!")
-    found = [r.msg_id for r in iter_records(loc.path)]
-    assert found == ids[:1]
+    skipped = []
+    found = [r.msg_id for r in iter_records(loc.path, on_damage=lambda a, b: skipped.append((a, b)))]
+    assert found == ids[:1] + ids[2:]  # the scan resynchronises on the next whole record
+    assert skipped == [(loc.offset, loc.end)]
+    again = Spool(base)
+    again.open()
+    try:
+        assert sorted(again.entries) == sorted(ids[:1] + ids[2:])
+        kept = os.path.join(again.quarantine_dir, ids[1] + ".rec")  # named by the id in its envelope
+        with open(kept, "rb") as f:
+            assert f.read() == open(loc.path, "rb").read()[loc.offset:loc.end]
+        assert "damaged record header" in open(kept[:-4] + ".reason").read()
+    finally:
+        again.close()
+
+
+def test_a_torn_tail_is_not_searched_for_records(tmp_path):
+    base = str(tmp_path / "spool")
+    s = Spool(base)
+    s.open()
+    ids = [accept(s, b"z" * 10, i) for i in range(2)]
+    path = s.entries[ids[0]].loc.path
+    s.close()
+    # A record whose body holds a whole record image, cut short: the image must not come alive.
+    inner_meta = Envelope(new_id(), "evil@x.test", ("victim@y.test",), 0.0).to_json()
+    inner = sp.pack_header(sp.MESSAGE, new_id(), len(inner_meta), 4, zlib.crc32(inner_meta + b"evil")) + \
+        inner_meta + b"evil"
+    outer_body = b"x" * 10 + inner + b"y" * 100
+    head = sp.pack_header(sp.MESSAGE, new_id(), 2, len(outer_body), zlib.crc32(b"{}" + outer_body))
+    with open(path, "ab") as f:
+        f.write(head + b"{}" + outer_body[:-50])  # torn: its good header says it runs past the end
+    assert [r.msg_id for r in iter_records(path)] == ids
 
 
 def test_big_message_spills_to_tmp_and_round_trips(spool):
