@@ -42,6 +42,7 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -184,6 +185,37 @@ def tree_cpu_seconds(pid: int) -> float:
         if p == pid:
             total += int(f[13]) + int(f[14])
     return total / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (every CPU, every process, the kernel), from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+class OthersCpu:
+    """The CPU that everything else on the machine used during a run, in cores.
+
+    The machine's busy time over the run, minus this process's own (the
+    benchmark and its threads) and minus what the run's processes used
+    (`accounted`: server, client, sink). Other jobs on a shared machine show
+    up here, so a report can tell a quiet run from a disturbed one.
+    """
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.busy0 = machine_busy_seconds()
+        self.self0 = self._self()
+
+    @staticmethod
+    def _self() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    def stop(self, accounted: float) -> float:
+        busy = machine_busy_seconds() - self.busy0 - (self._self() - self.self0) - accounted
+        return max(busy, 0.0) / max(time.perf_counter() - self.t0, 1e-9)
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -379,6 +411,7 @@ class Result:
     msgs_per_s: float | None = None
     server_cpu_ms: float | None = None
     client_cpu_ms: float | None = None
+    others_cores: float | None = None
     rss_mib: float | None = None
     pss_mib: float | None = None
     landed: int | None = None
@@ -453,10 +486,12 @@ def measure(name: str, workers: int | None, sessions: int, mode: str, repeat: in
                 shutil.rmtree(run_dir, ignore_errors=True)
                 os.makedirs(run_dir, mode=0o700)
         cpu0 = tree_cpu_seconds(proc.pid)
+        others = OthersCpu()
         memory = TreeMemory(proc.pid)
         argv = source_argv(args, sessions, mode, port)
         status, wall, client_cpu, tail = run_source(argv, args.timeout, os.path.join(run_dir, "source.log"))
         cpu1 = tree_cpu_seconds(proc.pid)
+        res.others_cores = others.stop(cpu1 - cpu0 + client_cpu)
         res.rss_mib, res.pss_mib = memory.stop()
         res.wall = wall
         if status is None:
@@ -584,8 +619,8 @@ def workers_label(workers: int | None) -> str:
 def table(results: list[Result], args: argparse.Namespace) -> str:
     rows = [
         "| server | workers | fsync | sessions | mode | msg/s median | min–max | server CPU ms/msg "
-        "| client CPU ms/msg | peak RSS MiB | PSS MiB | landed | errors |",
-        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| client CPU ms/msg | others' CPU | peak RSS MiB | PSS MiB | landed | errors |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for k, rs in cells(results, lambda r: (r.server, r.workers, r.sessions, r.mode)):
         good = [r.msgs_per_s for r in rs if r.ok and r.msgs_per_s]
@@ -595,6 +630,7 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
         ccpu = [r.client_cpu_ms for r in rs if r.ok and r.client_cpu_ms is not None]
         rss = [r.rss_mib for r in rs if r.rss_mib]
         pss = [r.pss_mib for r in rs if r.pss_mib]
+        others = [r.others_cores for r in rs if r.others_cores is not None]
         landed = [r.landed for r in rs if r.landed is not None]
         if not landed:
             landed_s = "n/a"
@@ -610,6 +646,7 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
             f"| {_fmt(med, ',.0f')} | {rng} "
             f"| {_fmt(statistics.median(scpu) if scpu else None, '.3f')} "
             f"| {_fmt(statistics.median(ccpu) if ccpu else None, '.3f')} "
+            f"| {_fmt(max(others) if others else None, '.2f')} "
             f"| {_fmt(max(rss) if rss else None, ',.0f')} | {_fmt(max(pss) if pss else None, ',.0f')} "
             f"| {landed_s} | {err_s} |"
         )
@@ -646,7 +683,9 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         "CPU ms/msg = CPU time over the run / messages (server: the whole process tree, Hedwig's master and "
         "workers). peak RSS = the largest sum of VmHWM over the server's process tree, sampled every 0.2 s; "
         "PSS = the sum of Pss (shared pages split among their sharers) over the tree at the end of the load; "
-        "both the largest across repeats. landed = messages found in the spool afterwards "
+        "both the largest across repeats. others' CPU = CPUs' worth of time that the rest of the machine (other "
+        "jobs) used during the run: the machine's busy time (/proc/stat) minus the server's, the client's and "
+        "the benchmark's own, / wall time; the largest across repeats. landed = messages found in the spool afterwards "
         "(min–max across repeats if they differ).",
     ]
     return "\n".join(lines)

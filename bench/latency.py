@@ -62,7 +62,7 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ingest  # noqa: E402
 import relay  # noqa: E402
-from ingest import TreeMemory, stop, tree_cpu_seconds, wait_greeting  # noqa: E402
+from ingest import OthersCpu, TreeMemory, stop, tree_cpu_seconds, wait_greeting  # noqa: E402
 
 ALL_SERVERS = ["hedwig-fsync", "postfix", "aiosmtpd-fsync"]
 FROM = "bench@example.test"
@@ -229,12 +229,13 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     server_cpu_ms: float | None = None
     client_cpu_ms: float | None = None
+    others_cores: float | None = None
     rss_mib: float | None = None
     pss_mib: float | None = None
 
 
 def start_server(name: str, workers: int | None, run_dir: str, args: argparse.Namespace, held: list):
-    """(pid of the server tree's root, port); what must be stopped afterwards goes into `held`."""
+    """(pid of the server tree's root, port, pid of its sink or None); what must be stopped goes into `held`."""
     if name == "aiosmtpd-fsync":
         for attempt in range(3):
             port = ingest.free_port()
@@ -246,7 +247,7 @@ def start_server(name: str, workers: int | None, run_dir: str, args: argparse.Na
             held.append(proc)
             try:
                 wait_greeting(port, proc, args.start_timeout)
-                return proc.pid, port
+                return proc.pid, port, None
             except RuntimeError:
                 if proc.poll() is None or attempt == 2:
                     raise
@@ -257,10 +258,10 @@ def start_server(name: str, workers: int | None, run_dir: str, args: argparse.Na
         pf, port = relay.start_postfix(run_dir, sink_port, args)
         held.append(pf)
         args.postfix_facts = args.postfix_facts or (pf.postconf_n, pf.master_inet, pf.warnings)
-        return pf.master_pid, port
+        return pf.master_pid, port, sink.pid
     proc, port = relay.start_hedwig(name, run_dir, sink_port, args, workers or 1)
     held.append(proc)
-    return proc.pid, port
+    return proc.pid, port, sink.pid
 
 
 def measure(name: str, workers: int | None, rate: float, repeat: int, args: argparse.Namespace) -> Result:
@@ -270,13 +271,17 @@ def measure(name: str, workers: int | None, rate: float, repeat: int, args: argp
         os.chmod(run_dir, 0o711)
     held: list = []
     try:
-        pid, port = start_server(name, workers, run_dir, args, held)
+        pid, port, sink = start_server(name, workers, run_dir, args, held)
         cpu0 = tree_cpu_seconds(pid)
+        sink0 = tree_cpu_seconds(sink) if sink else 0.0
         memory = TreeMemory(pid)
+        others = OthersCpu()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         load = asyncio.run(run_load(port, args.sessions, args.messages, args.size, rate, args.timeout))
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu1 = tree_cpu_seconds(pid)
+        sink1 = tree_cpu_seconds(sink) if sink else 0.0
+        res.others_cores = others.stop(cpu1 - cpu0 + sink1 - sink0)
         res.rss_mib, res.pss_mib = memory.stop()
         n = len(load.latencies)
         res.latencies = load.latencies
@@ -317,8 +322,8 @@ def rate_label(rate: float) -> str:
 def table(results: list[Result], args: argparse.Namespace) -> str:
     rows = [
         "| server | workers | load | msg/s median | p50 ms | p90 ms | p99 ms | max ms | server CPU ms/msg "
-        "| client CPU ms/msg | peak RSS MiB | PSS MiB | answered | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| client CPU ms/msg | others' CPU | peak RSS MiB | PSS MiB | answered | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     order = {s: i for i, s in enumerate(ALL_SERVERS)}
     cells = sorted(ingest.cells(results, lambda r: (r.server, r.workers, r.rate)),
@@ -330,6 +335,7 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
         ccpu = [r.client_cpu_ms for r in rs if r.client_cpu_ms is not None]
         rss = [r.rss_mib for r in rs if r.rss_mib]
         pss = [r.pss_mib for r in rs if r.pss_mib]
+        others = [r.others_cores for r in rs if r.others_cores is not None]
         errs = "; ".join(sorted({r.error for r in rs if r.error}))
         nbad = sum(1 for r in rs if not r.ok)
 
@@ -342,6 +348,7 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
             f"| {ms(0.5)} | {ms(0.9)} | {ms(0.99)} | {ms(1.0)} "
             f"| {ingest._fmt(statistics.median(scpu) if scpu else None, '.3f')} "
             f"| {ingest._fmt(statistics.median(ccpu) if ccpu else None, '.3f')} "
+            f"| {ingest._fmt(max(others) if others else None, '.2f')} "
             f"| {ingest._fmt(max(rss) if rss else None, ',.0f')} | {ingest._fmt(max(pss) if pss else None, ',.0f')} "
             f"| {len(lat):,}/{args.messages * len(rs):,} | {f'{nbad}/{len(rs)} failed: {errs}' if errs else ''} |"
         )
@@ -369,7 +376,9 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         "message of every repeat, nearest rank). msg/s = messages / time from the first message to the last 250 "
         "(median of the repeats). CPU ms/msg = CPU time over the run / messages (server: the whole process tree; "
         "client: this process). peak RSS = the largest sum of VmHWM over the server's tree, sampled every 0.2 s; "
-        "PSS = the sum of Pss over the tree at the end of the load.",
+        "PSS = the sum of Pss over the tree at the end of the load. others' CPU = CPUs' worth of time the rest of "
+        "the machine (other jobs) used during the run (/proc/stat's busy time minus the server's, its sink's "
+        "and this process's), the largest across repeats.",
     ]
     return "\n".join(lines)
 

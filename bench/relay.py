@@ -72,6 +72,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ingest  # noqa: E402  (bench/ingest.py: shared helpers)
 from ingest import (  # noqa: E402
     ROOT,
+    OthersCpu,
     TreeMemory,
     create_cost_us,
     free_port,
@@ -481,6 +482,7 @@ class Result:
     sink_cpu_ms: float | None = None
     client_cpu_ms: float | None = None
     logging_cpu_ms: float | None = None  # Postfix: postlogd's share of server_cpu_ms
+    others_cores: float | None = None
     rss_mib: float | None = None
     pss_mib: float | None = None
     delivered: int | None = None
@@ -588,6 +590,7 @@ def measure(name: str, workers: int | None, sessions: int, mode: str, repeat: in
         cpu0, sink0 = tree_cpu_seconds(server_pid), tree_cpu_seconds(sink.pid)
         log0 = children_cpu(server_pid, "postlogd") if pf is not None else {}
         memory = TreeMemory(server_pid)
+        others = OthersCpu()
         after: list[float] = []
 
         def at_relayed() -> None:
@@ -600,6 +603,8 @@ def measure(name: str, workers: int | None, sessions: int, mode: str, repeat: in
         out = run_load(source_argv(args, sessions, mode, port), counter, base + args.messages, args,
                        os.path.join(run_dir, "source.log"), alive, at_relayed)
         cpu1, sink1 = after
+        client_cpu = out["client_cpu"] or 0.0  # smtp-source ends before the sink has everything
+        res.others_cores = others.stop(cpu1 - cpu0 + sink1 - sink0 + client_cpu)
         m = args.messages
         res.accept_wall, res.relay_wall = out["accept_wall"], out["relay_wall"]
         res.server_cpu_ms = (cpu1 - cpu0) * 1000 / m
@@ -742,8 +747,8 @@ def _mode(mode: str) -> str:
 def table(results: list[Result], args: argparse.Namespace) -> str:
     rows = [
         "| server | workers | fsync | sessions | mode | accepted msg/s | relayed msg/s median | min–max "
-        "| server CPU ms/msg | sink CPU ms/msg | client CPU ms/msg | peak RSS MiB | PSS MiB | delivered | errors |",
-        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| server CPU ms/msg | sink CPU ms/msg | client CPU ms/msg | others' CPU | peak RSS MiB | PSS MiB | delivered | errors |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for k, rs in _cells(results):
         acc = [r.accepted_per_s for r in rs if r.accepted_per_s]
@@ -753,6 +758,7 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
         ccpu = [r.client_cpu_ms for r in rs if r.ok and r.client_cpu_ms is not None]
         rss = [r.rss_mib for r in rs if r.rss_mib]
         pss = [r.pss_mib for r in rs if r.pss_mib]
+        others = [r.others_cores for r in rs if r.others_cores is not None]
         dl = [r.delivered for r in rs if r.delivered is not None]
         if not dl:
             dl_s = "—"
@@ -767,6 +773,7 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
             f"| {k[0]} | {ingest.workers_label(k[1])} | {rs[0].fsync} | {k[2]} | {_mode(k[3])} "
             f"| {_fmt(_med(acc), ',.0f')} | {_fmt(_med(rel), ',.0f')} | {_rng(rel)} "
             f"| {_fmt(_med(scpu), '.3f')} | {_fmt(_med(kcpu), '.3f')} | {_fmt(_med(ccpu), '.3f')} "
+            f"| {_fmt(max(others) if others else None, '.2f')} "
             f"| {_fmt(max(rss) if rss else None, ',.0f')} | {_fmt(max(pss) if pss else None, ',.0f')} "
             f"| {dl_s} | {err_s} |"
         )
@@ -865,7 +872,10 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         "children it reaped) from just before smtp-source started until the sink had every message, / messages; "
         "sink and client CPU likewise for smtp-sink and smtp-source. peak RSS = the largest sum of VmHWM over the "
         "server's process tree, sampled every 0.2 s; PSS = the sum of Pss (shared pages split among their sharers) "
-        "over the tree when the sink had every message; both the largest across repeats. "
+        "over the tree when the sink had every message; both the largest across repeats. others' CPU = CPUs' "
+        "worth of time the rest of the machine (other jobs) used during the run: the machine's busy time "
+        "(/proc/stat) minus the server's, sink's, client's and the benchmark's own, / wall time; the largest "
+        "across repeats. "
         "delivered = the sink's count after the server "
         "stopped (min–max across repeats if they differ).",
     ]
