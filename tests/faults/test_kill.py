@@ -77,6 +77,11 @@ def counters(m: Scrape) -> tuple[float, ...]:
     return tuple(m.value(name) for name in COUNTERS)
 
 
+def all_started(proc: HedwigProcess) -> None:
+    """Every worker of this start has logged its start line (one answering 220 is not all)."""
+    wait_until(lambda: " ready: " in proc.last_log(), 10, what="the master's ready line")
+
+
 def quiet(port: int, timeout: float = 20.0) -> Scrape:
     """A scrape with queue depth 0 whose counters stay the same over two worker ticks (1 s each)."""
     deadline = time.monotonic() + timeout
@@ -151,6 +156,7 @@ def test_sigkill_of_the_server_then_restart_delivers_everything_acknowledged(
     queued_tags = tags_of(proc.spool, queued)
 
     proc.start().wait_ready()
+    all_started(proc)
     assert queued_at_start(proc.last_log()) == len(queued), proc.last_log()
     sink.wait(lambda: set(acked) | queued_tags <= set(sink_tags(sink)), 30, "everything queued delivered")
     m = quiet(metrics_port)
@@ -277,6 +283,7 @@ def test_sigterm_mid_load_exits_0_loses_nothing_and_duplicates_nothing(
     queued = queued_ids(proc.spool)
 
     proc.start().wait_ready()
+    all_started(proc)
     assert queued_at_start(proc.last_log()) == len(queued), proc.last_log()
     sink.wait(lambda: set(acked) <= set(sink_tags(sink)), 30, "the rest delivered after the restart")
     m = quiet(metrics_port)
