@@ -34,9 +34,11 @@ bench/ingest.py:
 For each run: msg/s (messages / time from the first MAIL to the last 250), the
 p50, p90, p99 and largest latency, the server tree's CPU ms/msg, its peak RSS
 (ingest.TreeMemory) and this client's CPU ms/msg (it shares the machine's CPUs
-with the server). Percentiles are over all messages of all repeats of a cell.
+with the server). Percentiles are over all messages of all repeats of a cell,
+except each session's first --warmup (1): the sessions all send their first
+message at the same moment, a burst no steady load has.
 
-    python bench/latency.py [--messages 5000] [--sessions 64] [--rates "0 500"]
+    python bench/latency.py [--messages 10000] [--sessions 64] [--rates "0 500"]
                             [--workers "1 2"] [--servers all] [--repeats 3]
                             [--write-results] [--title WORDS]
 
@@ -88,7 +90,9 @@ class Load:
     data: bytes
     per_session: list[int]
     interval: float  # seconds between one session's messages; 0 = closed loop
+    warmup: int = 0  # the first messages of each session, answered but not counted in `latencies`
     start: float = 0.0  # loop.time() at which the first messages go out
+    answered: int = 0
     latencies: list[float] = field(default_factory=list)
     first_send: float | None = None
     last_reply: float = 0.0
@@ -164,7 +168,9 @@ class Session(asyncio.Protocol):
                 self.load.first_send = self.t_dot
             self.send(self.load.data, "dot")
         elif self.state == "dot":
-            self.load.latencies.append(now - self.t_dot)
+            self.load.answered += 1
+            if self.sent >= self.load.warmup:
+                self.load.latencies.append(now - self.t_dot)
             self.load.last_reply = max(self.load.last_reply, now)
             self.left -= 1
             self.sent += 1
@@ -192,9 +198,10 @@ class Session(asyncio.Protocol):
             self.send(f"MAIL FROM:<{FROM}>\r\n".encode("ascii"), "mail")
 
 
-async def run_load(port: int, sessions: int, messages: int, size: int, rate: float, timeout: float) -> Load:
+async def run_load(port: int, sessions: int, messages: int, size: int, rate: float, timeout: float,
+                   warmup: int = 0) -> Load:
     per = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
-    load = Load(message(size), per, sessions / rate if rate else 0.0)
+    load = Load(message(size), per, sessions / rate if rate else 0.0, warmup)
     loop = asyncio.get_running_loop()
     # Every session is connected and past EHLO before the first MAIL: start 1 s after the connects began.
     load.start = loop.time() + 1.0
@@ -210,7 +217,7 @@ async def run_load(port: int, sessions: int, messages: int, size: int, rate: flo
     try:
         await asyncio.wait_for(asyncio.gather(*futures), timeout)
     except asyncio.TimeoutError:
-        load.errors.append(f"timed out after {timeout:g}s with {len(load.latencies)} of {messages} answered")
+        load.errors.append(f"timed out after {timeout:g}s with {load.answered} of {messages} answered")
     return load
 
 
@@ -226,6 +233,7 @@ class Result:
     ok: bool = False
     error: str = ""
     msgs_per_s: float | None = None
+    answered: int = 0
     latencies: list[float] = field(default_factory=list)
     server_cpu_ms: float | None = None
     client_cpu_ms: float | None = None
@@ -277,13 +285,14 @@ def measure(name: str, workers: int | None, rate: float, repeat: int, args: argp
         memory = TreeMemory(pid)
         others = OthersCpu()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        load = asyncio.run(run_load(port, args.sessions, args.messages, args.size, rate, args.timeout))
+        load = asyncio.run(run_load(port, args.sessions, args.messages, args.size, rate, args.timeout,
+                                    args.warmup))
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu1 = tree_cpu_seconds(pid)
         sink1 = tree_cpu_seconds(sink) if sink else 0.0
         res.others_cores = others.stop(cpu1 - cpu0 + sink1 - sink0)
         res.rss_mib, res.pss_mib = memory.stop()
-        n = len(load.latencies)
+        n = res.answered = load.answered
         res.latencies = load.latencies
         res.server_cpu_ms = (cpu1 - cpu0) * 1000 / max(n, 1)
         res.client_cpu_ms = ((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)) * 1000 / max(n, 1)
@@ -322,7 +331,7 @@ def rate_label(rate: float) -> str:
 def table(results: list[Result], args: argparse.Namespace) -> str:
     rows = [
         "| server | workers | load | msg/s median | p50 ms | p90 ms | p99 ms | max ms | server CPU ms/msg "
-        "| client CPU ms/msg | others' CPU | peak RSS MiB | PSS MiB | answered | errors |",
+        "| client CPU ms/msg | others' CPU | peak RSS MiB | PSS MiB | answered (counted) | errors |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     order = {s: i for i, s in enumerate(ALL_SERVERS)}
@@ -350,7 +359,8 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
             f"| {ingest._fmt(statistics.median(ccpu) if ccpu else None, '.3f')} "
             f"| {ingest._fmt(max(others) if others else None, '.2f')} "
             f"| {ingest._fmt(max(rss) if rss else None, ',.0f')} | {ingest._fmt(max(pss) if pss else None, ',.0f')} "
-            f"| {len(lat):,}/{args.messages * len(rs):,} | {f'{nbad}/{len(rs)} failed: {errs}' if errs else ''} |"
+            f"| {sum(r.answered for r in rs):,}/{args.messages * len(rs):,} ({len(lat):,}) "
+            f"| {f'{nbad}/{len(rs)} failed: {errs}' if errs else ''} |"
         )
     return "\n".join(rows)
 
@@ -373,7 +383,8 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         table(results, args),
         "",
         "latency = time from writing the message with its final dot to reading the 250 (percentiles over every "
-        "message of every repeat, nearest rank). msg/s = messages / time from the first message to the last 250 "
+        f"message of every repeat, nearest rank, except the first {args.warmup} of each session: those "
+        "all sessions send at the same moment at the start). msg/s = messages / time from the first message to the last 250 "
         "(median of the repeats). CPU ms/msg = CPU time over the run / messages (server: the whole process tree; "
         "client: this process). peak RSS = the largest sum of VmHWM over the server's tree, sampled every 0.2 s; "
         "PSS = the sum of Pss over the tree at the end of the load. others' CPU = CPUs' worth of time the rest of "
@@ -388,7 +399,10 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
 
 def main() -> int:
     p = argparse.ArgumentParser(description="p50/p99 time from the final dot to 250, Hedwig and its peers.")
-    p.add_argument("--messages", "-m", type=int, default=int(os.environ.get("BENCH_MESSAGES", 5000)))
+    p.add_argument("--messages", "-m", type=int, default=int(os.environ.get("BENCH_MESSAGES", 10000)))
+    p.add_argument("--warmup", type=int, default=1,
+                   help="the first messages of each session are not counted in the percentiles (default 1: "
+                        "the ones all sessions send at the same moment at the start)")
     p.add_argument("--sessions", "-s", type=int, default=int(os.environ.get("BENCH_SESSIONS", 64)))
     p.add_argument("--size", "-l", type=int, default=int(os.environ.get("BENCH_SIZE", 1024)),
                    help="message size in bytes (default 1024)")

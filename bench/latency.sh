@@ -11,7 +11,7 @@
 # scratch directory under $BENCH_DIR) is in bench/common.sh.
 #
 # Settings (environment, or the latency.py flag in brackets):
-#   BENCH_MESSAGES  messages per run                        (--messages, default 5000)
+#   BENCH_MESSAGES  messages per run                        (--messages, default 10000)
 #   BENCH_SESSIONS  concurrent sessions                     (--sessions, default 64)
 #   BENCH_RATES     offered msg/s, a list; 0 = closed loop  (--rates, default "0 500")
 #   BENCH_WORKERS   Hedwig's `workers`, a list              (--workers, default "1 2")
