@@ -147,7 +147,10 @@ class Delivery:
             except Exception as exc:  # noqa: BLE001 - one bad message must not stop delivery
                 # Not a verdict about the mail: back off like a deferral so a
                 # persistent local fault costs one line per attempt, not a loop.
-                log.exception("delivery failed; retrying later", extra=fields(msg_id=entry.msg_id))
+                if isinstance(exc, (SpoolError, OSError)):  # a full or failing disk: one line, no traceback
+                    log.error("delivery failed; retrying later", extra=fields(msg_id=entry.msg_id, error=str(exc)))
+                else:
+                    log.exception("delivery failed; retrying later", extra=fields(msg_id=entry.msg_id))
                 self._count_attempt(entry)
                 metrics.emails_deferred.inc()
                 entry.last_error = f"local error: {exc}"
