@@ -194,19 +194,34 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+def kernel_threads_seconds() -> float:
+    """utime+stime of the kernel's own threads (kthreadd, pid 2, and its children)."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            f = _stat_fields(int(name))
+            if f and (name == "2" or f[1] == "2"):
+                total += int(f[11]) + int(f[12])
+    return total / CLK_TCK
+
+
 class OthersCpu:
-    """The CPU that everything else on the machine used during a run, in cores.
+    """The CPU that other jobs on the machine used during a run, in cores.
 
     The machine's busy time over the run, minus this process's own (the
-    benchmark and its threads) and minus what the run's processes used
-    (`accounted`: server, client, sink). Other jobs on a shared machine show
-    up here, so a report can tell a quiet run from a disturbed one.
+    benchmark and its threads), minus what the run's processes used
+    (`accounted`: server, client, sink) and minus the kernel's threads
+    (journal commits, writeback, softirq threads: they mostly serve the
+    run's own writes, and serve a file-per-message server more). Other jobs
+    on a shared machine show up here, so a report can tell a quiet run from
+    a disturbed one.
     """
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.busy0 = machine_busy_seconds()
         self.self0 = self._self()
+        self.kernel0 = kernel_threads_seconds()
 
     @staticmethod
     def _self() -> float:
@@ -214,7 +229,8 @@ class OthersCpu:
         return ru.ru_utime + ru.ru_stime
 
     def stop(self, accounted: float) -> float:
-        busy = machine_busy_seconds() - self.busy0 - (self._self() - self.self0) - accounted
+        busy = (machine_busy_seconds() - self.busy0 - (self._self() - self.self0) - accounted
+                - (kernel_threads_seconds() - self.kernel0))
         return max(busy, 0.0) / max(time.perf_counter() - self.t0, 1e-9)
 
 
@@ -684,9 +700,9 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         "workers). peak RSS = the largest sum of VmHWM over the server's process tree, sampled every 0.2 s; "
         "PSS = the sum of Pss (shared pages split among their sharers) over the tree at the end of the load; "
         "both the largest across repeats. others' CPU = CPUs' worth of time that the rest of the machine (other "
-        "jobs) used during the run: the machine's busy time (/proc/stat) minus the server's, the client's and "
-        "the benchmark's own, / wall time; the largest across repeats. landed = messages found in the spool afterwards "
-        "(min–max across repeats if they differ).",
+        "jobs) used during the run: the machine's busy time (/proc/stat) minus the server's, the client's, "
+        "the benchmark's own and the kernel threads', / wall time; the largest across repeats. landed = messages "
+        "found in the spool afterwards (min–max across repeats if they differ).",
     ]
     return "\n".join(lines)
 

@@ -388,8 +388,8 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         "(median of the repeats). CPU ms/msg = CPU time over the run / messages (server: the whole process tree; "
         "client: this process). peak RSS = the largest sum of VmHWM over the server's tree, sampled every 0.2 s; "
         "PSS = the sum of Pss over the tree at the end of the load. others' CPU = CPUs' worth of time the rest of "
-        "the machine (other jobs) used during the run (/proc/stat's busy time minus the server's, its sink's "
-        "and this process's), the largest across repeats.",
+        "the machine (other jobs) used during the run (/proc/stat's busy time minus the server's, its sink's, "
+        "this process's and the kernel threads'), the largest across repeats.",
     ]
     return "\n".join(lines)
 

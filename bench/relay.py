@@ -874,7 +874,8 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
         "server's process tree, sampled every 0.2 s; PSS = the sum of Pss (shared pages split among their sharers) "
         "over the tree when the sink had every message; both the largest across repeats. others' CPU = CPUs' "
         "worth of time the rest of the machine (other jobs) used during the run: the machine's busy time "
-        "(/proc/stat) minus the server's, sink's, client's and the benchmark's own, / wall time; the largest "
+        "(/proc/stat) minus the server's, sink's, client's, the benchmark's own and the kernel threads', / wall "
+        "time; the largest "
         "across repeats. "
         "delivered = the sink's count after the server "
         "stopped (min–max across repeats if they differ).",
