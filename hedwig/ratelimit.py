@@ -158,12 +158,26 @@ class RedisLimiter:
         self.script = client.register_script(BUCKET_SCRIPT)
         self.down_until = 0.0  # while clock() < this, use the fallback without asking Redis
         self.down = False
+        self._due: dict[str, float] = {}  # domain -> when its last refusal said a token is due
 
     def wait(self, domain: str) -> float:
-        return self._decide(domain, take=False)
+        """Without a round trip: the wait the last refusal announced, else 0 (take() decides).
+
+        Delivery asks wait() before reading a body and take() before sending;
+        answering wait() locally keeps a message at one Redis round trip.
+        """
+        if self.down and self.clock() < self.down_until:
+            return self._decide(domain, take=False)
+        due = self._due.get(domain.lower())
+        return max(due - self.clock(), 0.0) if due is not None else 0.0
 
     def take(self, domain: str) -> float:
-        return self._decide(domain, take=True)
+        wait = self._decide(domain, take=True)
+        if wait > 0.0:
+            self._due[domain.lower()] = self.clock() + wait
+        else:
+            self._due.pop(domain.lower(), None)
+        return wait
 
     def _decide(self, domain: str, take: bool) -> float:
         limit = self.limits.limit_for(domain)
