@@ -36,6 +36,10 @@ then runs `smtp-source -s N -m M -l 1024 ...` against the server and records:
 
 Modes: `conn` = one message per connection; `d` = `smtp-source -d`.
 
+`--redis` (or BENCH_REDIS=1): Hedwig's `[server.rate_limits]` on the Redis
+backend (a private `redis-server` on 127.0.0.1 for the run), with a limit no
+run reaches, so every message pays one Redis decision and none waits.
+
 `--dkim` (or BENCH_DKIM=1): Hedwig signs every message (`[server.dkim]`,
 RSA-2048, a key made once by `hedwig dkim-generate` in the scratch directory);
 Postfix does not sign (compare Hedwig with and without it).
@@ -54,6 +58,7 @@ from bench/ingest.py.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import os
 import platform
@@ -225,6 +230,15 @@ def hedwig_dkim(args: argparse.Namespace, key_path: str | None = None) -> str:
             f'private_key = "{key_path or args.dkim_key}"\nkey_type = "rsa"\n')
 
 
+def hedwig_redis(args: argparse.Namespace) -> str:
+    """With --redis: rate limits on the Redis backend, a limit no run reaches (every message is
+    one decision, none waits), against the private redis-server started for this run."""
+    if not getattr(args, "redis", False):
+        return ""
+    return (f'\n[server.rate_limits]\nenabled = true\nbackend = "redis"\n'
+            f'redis_url = "{getattr(args, "redis_url", "redis://127.0.0.1:PORT/0")}"\ndefault_limit = 100000000\n')
+
+
 def make_dkim_key(args: argparse.Namespace) -> None:
     """--dkim: `hedwig dkim-generate` an RSA-2048 key into the scratch directory."""
     args.dkim_key = os.path.join(args.workdir, "dkim-rsa2048.pem")
@@ -245,7 +259,7 @@ def start_hedwig(name: str, run_dir: str, sink_port: int, args: argparse.Namespa
         port = free_port()
         with open(conf, "w") as f:
             f.write(HEDWIG_CONF.format(port=port, sink_port=sink_port, spool=spool, fsync=fsync, workers=workers,
-                                       extra=hedwig_extra(args), dkim=hedwig_dkim(args)))
+                                       extra=hedwig_extra(args), dkim=hedwig_dkim(args) + hedwig_redis(args)))
         argv = [sys.executable, os.path.join(ROOT, "hedwig.py"), "serve", "--config", conf]
         with open(log_path, "wb") as logf:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
@@ -823,7 +837,7 @@ def report(results: list[Result], args: argparse.Namespace, started: str, load: 
     load_end = os.getloadavg()
     hedwig_conf = HEDWIG_CONF.format(port="PORT", sink_port="SINKPORT", spool="SCRATCH/spool", workers="W",
                                      fsync="true|false", extra=hedwig_extra(args),
-                                     dkim=hedwig_dkim(args, "SCRATCH/dkim-rsa2048.pem"))
+                                     dkim=hedwig_dkim(args, "SCRATCH/dkim-rsa2048.pem") + hedwig_redis(args))
     lines = [
         f"Command: `{args.command or _cmd([sys.executable, *sys.argv])}`",
         "",
@@ -902,6 +916,9 @@ def main() -> int:
     p.add_argument("--postfix-master-cf", default=default_master,
                    help=f"master.cf to copy for the private instance (default {default_master})")
     ingest.add_run_args(p)
+    p.add_argument("--redis", action="store_true", default=os.environ.get("BENCH_REDIS", "") not in ("", "0"),
+                   help="Hedwig's rate limits on the Redis backend (a private redis-server; a limit never "
+                        "reached, so each message costs one Redis decision); also BENCH_REDIS=1")
     p.add_argument("--dkim", action="store_true", default=os.environ.get("BENCH_DKIM", "") not in ("", "0"),
                    help="Hedwig signs every message with DKIM, RSA-2048 (a key made by `hedwig dkim-generate` "
                         "in the scratch dir); also BENCH_DKIM=1")
@@ -938,6 +955,14 @@ def main() -> int:
         create_start = create_cost_us(args.workdir)
         if args.dkim:
             make_dkim_key(args)
+        if args.redis:
+            if ROOT not in sys.path:
+                sys.path.insert(0, ROOT)
+            from tests.support.redis_server import RedisServer
+
+            redis_server = RedisServer().start()
+            atexit.register(redis_server.stop)  # however the run ends
+            args.redis_url = redis_server.url
         for rep in range(1, args.repeats + 1):
             order = variants if rep % 2 else list(reversed(variants))
             for sess in sessions:
@@ -963,6 +988,8 @@ def main() -> int:
                         if not r.ok:
                             status = 1
         create_end = create_cost_us(args.workdir)
+        if args.redis:
+            redis_server.stop()
     if guard.interrupted:
         status = 130
     if not results:
@@ -970,7 +997,8 @@ def main() -> int:
     text = report(results, args, started, load, facts, (create_start, create_end))
     print(text)
     if args.write_results:
-        title = "relay" + (" — DKIM RSA-2048 on" if args.dkim else "") + (f" — {args.title}" if args.title else "")
+        title = ("relay" + (" — DKIM RSA-2048 on" if args.dkim else "")
+                 + (" — rate limits on Redis" if args.redis else "") + (f" — {args.title}" if args.title else ""))
         ingest.append_results(args.results, title, text)
     return status
 
