@@ -76,7 +76,7 @@ def main() -> int:
     rows.append(("local", n / elapsed, elapsed / n * 1e6, "0 | 0"))
     with RedisServer() as server:
         client = redis.Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        lim = RedisLimiter(client, "bench:", None, LIMITS, LocalLimiter(None, LIMITS))
+        lim = RedisLimiter(client, "bench:", LocalLimiter(None, LIMITS))
         lim.take("bench.test")  # loads the script once
         before = counts(client)
         elapsed = time_calls(lim.take, n)

@@ -197,13 +197,13 @@ def request(base_path: str, op: str, msg_id: str | None, writers: list[str],
                 return offline()
             if waiting:
                 time.sleep(POLL / 4)
-        for writer, name in waiting.items():
-            taken = not _unlink(os.path.join(ctl, f"{name}.{writer}.req"))
-            what = "took the request but did not answer" if taken else "did not take the request"
-            return {"ok": False, "status": "no-answer",
-                    "message": f"the server {what} within {timeout:g}s"
-                               + ("" if taken or answers else "; nothing was changed")}
-        return _combine(answers, msg_id)
+        if not waiting:
+            return _combine(answers, msg_id)
+        taken = [not _unlink(os.path.join(ctl, f"{name}.{writer}.req")) for writer, name in waiting.items()]
+        what = "took the request but did not answer" if any(taken) else "did not take the request"
+        return {"ok": False, "status": "no-answer",
+                "message": f"the server {what} within {timeout:g}s"
+                           + ("" if any(taken) or answers else "; nothing was changed")}
     finally:
         os.close(fd)  # releases the lock if we held it
 

@@ -43,6 +43,7 @@ Must not: run greenlets, open the spool's segments, or speak SMTP.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import os
 import signal
@@ -56,7 +57,7 @@ from gevent import monkey
 
 from . import health, metrics
 from . import log as logsetup
-from .config import Config, ConfigError, ListenerConfig, load_config
+from .config import Config, ConfigError, HttpBind, ListenerConfig, load_config
 from .control import SpoolLocked, hold_lock
 from .listener import TlsSetupError, bind, load_tls_context
 from .signing import load_signer
@@ -92,9 +93,7 @@ def config_problem(config: Config) -> str | None:
         return str(exc)
     limits = config.server.rate_limits
     if limits.enabled and limits.backend == "redis":
-        try:
-            import redis  # noqa: F401 - optional dependency of this backend only
-        except ImportError:
+        if importlib.util.find_spec("redis") is None:  # optional: this backend's dependency only
             return 'config: server.rate_limits.backend: "redis" needs the redis package (pip install redis)'
     return None
 
@@ -169,16 +168,12 @@ class Master:
             metrics.init(self.metrics_dir)  # before the fork: every worker writes its own files
         for lc in server.listeners:
             self.sockets[lc.addr] = self._bind(lc)
-        routes: dict[tuple[str, int], health.Routes] = {}
+        routes: dict[HttpBind, health.Routes] = {}  # one socket per address, all its paths
         if server.health is not None:
-            routes.setdefault((server.health.host, server.health.port), {}).update(
-                {"/healthz": self._healthz, "/readyz": self._readyz})
+            routes.setdefault(server.health, {}).update({"/healthz": self._healthz, "/readyz": self._readyz})
         if server.metrics is not None:
-            routes.setdefault((server.metrics.host, server.metrics.port), {})["/metrics"] = self._metrics
-        for (host, port), table in routes.items():
-            where = server.health if server.health and (host, port) == (server.health.host,
-                                                                         server.health.port) else server.metrics
-            assert where is not None
+            routes.setdefault(server.metrics, {})["/metrics"] = self._metrics
+        for where, table in routes.items():
             try:
                 self.http.append((health.bind_http(where), table))
             except OSError as exc:
@@ -309,11 +304,11 @@ class Master:
     def _spawn_missing(self, now: float) -> None:
         if self.stopping:
             return
-        current = [c for c in self.children.values() if c.generation == self.generation]
+        current = self._current()
         if len(current) < self.config.server.workers and now >= self._next_spawn:
             for _ in range(self.config.server.workers - len(current)):
                 self._spawn(now)
-            current = [c for c in self.children.values() if c.generation == self.generation]
+            current = self._current()
         if not self._ready_told and len(current) == self.config.server.workers and all(
                 c.status == b"R" for c in current):
             self._ready_told = True

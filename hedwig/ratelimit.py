@@ -146,12 +146,10 @@ RETRY_REDIS = 1.0  # seconds between tries while Redis is unreachable
 class RedisLimiter:
     """Shared buckets in Redis (whole limit, all nodes); `fallback` while Redis is unreachable."""
 
-    def __init__(self, client, key_prefix: str, default_limit: int | None,  # type: ignore[no-untyped-def]
-                 domain_limits: Mapping[str, int], fallback: LocalLimiter,
+    def __init__(self, client, key_prefix: str, fallback: LocalLimiter,  # type: ignore[no-untyped-def]
                  clock: Callable[[], float] = time.monotonic, on_fallback: Callable[[bool], None] | None = None) -> None:
         self.client = client
         self.key_prefix = key_prefix
-        self.limits = LocalLimiter(default_limit, domain_limits)  # only for limit_for()
         self.fallback = fallback
         self.clock = clock
         self.on_fallback = on_fallback or (lambda down: None)
@@ -180,7 +178,7 @@ class RedisLimiter:
         return wait
 
     def _decide(self, domain: str, take: bool) -> float:
-        limit = self.limits.limit_for(domain)
+        limit = self.fallback.limit_for(domain)  # same limits; only the split differs
         if limit <= 0:
             return 0.0
         local = self.fallback.take if take else self.fallback.wait
@@ -215,5 +213,4 @@ def make_limiter(rate_limits, workers: int = 1) -> Limiter:  # type: ignore[no-u
 
     client = redis.Redis.from_url(rate_limits.redis_url, socket_timeout=REDIS_TIMEOUT,
                                   socket_connect_timeout=REDIS_TIMEOUT, health_check_interval=30)
-    return RedisLimiter(client, rate_limits.key_prefix, rate_limits.default_limit, rate_limits.domain_limits,
-                        local, on_fallback=lambda down: metrics.ratelimit_fallback.set(1 if down else 0))
+    return RedisLimiter(client, rate_limits.key_prefix, local, on_fallback=lambda down: metrics.ratelimit_fallback.set(1 if down else 0))

@@ -522,16 +522,18 @@ class Spool:
         return found
 
     def _load(self, writer: str) -> list[QueueEntry]:
-        """Read the segments of a writer this process now owns: their queued messages."""
+        """Take in the segments of a writer this process now owns: their queued messages.
+
+        The reading (journals, record headers, a damaged region's copy) runs in
+        the threadpool: adopting a dead worker's backlog at run time must not
+        stall the sessions on this hub. The entries are made here, on the hub.
+        """
         found = []
-        for name, seq, path in list_segments(self.log_dir):
-            if name != writer:
-                continue
+        for seq, path, locs, states, done in offload.run(self._read_writer, writer):
             if writer == self.writer:
                 self._seg_seq = max(self._seg_seq, seq)
-            states, done = load_journal(journal_path(path), repair=True)
             live = 0
-            for loc in iter_records(path, on_damage=lambda start, end, path=path: self._keep_damage(path, start, end)):
+            for loc in locs:
                 if loc.kind != MESSAGE or loc.msg_id in done or loc.msg_id in self.entries:
                     continue
                 entry = QueueEntry(loc.msg_id, loc)
@@ -675,6 +677,16 @@ class Spool:
         if self.fsync:
             _fsync_dir(self.quarantine_dir)
         return target
+
+    def _read_writer(self, writer: str) -> list[tuple[int, str, list[Location], dict[str, dict], dict[str, str]]]:
+        """In a native thread: (seq, path, record headers, states, outcomes) of each of `writer`'s segments."""
+        out = []
+        for name, seq, path in list_segments(self.log_dir):
+            if name == writer:
+                states, done = load_journal(journal_path(path), repair=True)
+                damage = lambda start, end, path=path: self._keep_damage(path, start, end)  # noqa: E731
+                out.append((seq, path, list(iter_records(path, on_damage=damage)), states, done))
+        return out
 
     def _keep_damage(self, segment: str, start: int, end: int) -> None:
         """Bytes the scan skipped in the middle of a segment: a copy for a human, before the segment can go.

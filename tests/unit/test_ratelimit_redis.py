@@ -33,7 +33,7 @@ def redis_url():
 def limiter(url: str, limits: dict[str, int], default: int | None = None, **kwargs) -> RedisLimiter:
     client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
     prefix = f"test-{uuid.uuid4().hex}:"  # every test its own buckets, even on a shared server
-    return RedisLimiter(client, prefix, default, limits, LocalLimiter(default, limits), **kwargs)
+    return RedisLimiter(client, prefix, LocalLimiter(default, limits), **kwargs)
 
 
 def test_the_burst_is_the_limit_then_the_wait_is_one_tokens_time(redis_url):
@@ -72,7 +72,7 @@ def test_default_limit_and_unlimited(redis_url):
 
 def test_concurrent_callers_never_get_more_than_the_bucket_holds(redis_url):
     lim_a = limiter(redis_url, {"busy.test": 60})
-    lim_b = RedisLimiter(redis.Redis.from_url(redis_url), lim_a.key_prefix, None, {"busy.test": 60},
+    lim_b = RedisLimiter(redis.Redis.from_url(redis_url), lim_a.key_prefix,
                          LocalLimiter(None, {"busy.test": 60}))
     granted = []
     lock = threading.Lock()
@@ -99,8 +99,7 @@ def test_an_unreachable_redis_falls_back_to_local_limits_and_comes_back(redis_ur
     now = [1000.0]
     server = RedisServer()
     lim = RedisLimiter(redis.Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5),
-                       f"test-{uuid.uuid4().hex}:", None, {"d.test": 3}, LocalLimiter(None, {"d.test": 3},
-                                                                                         clock=lambda: now[0]),
+                       f"test-{uuid.uuid4().hex}:", LocalLimiter(None, {"d.test": 3}, clock=lambda: now[0]),
                        clock=lambda: now[0], on_fallback=events.append)
     # Redis is down: the local bucket (3) decides, one warning, the metric hook once.
     assert [lim.take("d.test") for _ in range(3)] == [0.0] * 3
