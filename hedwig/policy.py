@@ -45,7 +45,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @functools.lru_cache(maxsize=4096)
 def in_networks(client_ip: str, networks: tuple[Network, ...]) -> bool:
-    """Is the client in one of `networks`? Cached: clients reconnect a lot."""
+    """Is the client in one of `networks`?"""
     try:
         addr = ipaddress.ip_address(client_ip.split("%", 1)[0])
     except ValueError:

@@ -10,6 +10,12 @@ STARTTLS the 220 goes out, the socket is wrapped in place and the protocol
 forgets everything (tls_started), including plaintext pipelined after the
 command. Both handshakes are bounded by HANDSHAKE_TIMEOUT (at most cmd_timeout).
 
+Timeouts: a read or write that blocks carries a deadline (cmd_timeout, or the
+end of data_timeout inside DATA) and one reaper greenlet per worker ends the
+calls that pass theirs (SessionContext._reap), instead of a gevent Timeout per
+recv(): starting and cancelling a Timeout cost ~3.7 µs of CPU a call, ~6 calls
+a message (bench/RESULTS.md, "timeouts without a Timeout per call").
+
 AUTH: the session runs the SASL exchange the protocol's AuthStart/AuthResponse
 events drive; steps go through offload.run because an scrypt check costs ~50 ms
 of CPU. Failed credentials wait (policy.AuthThrottle, per client address, on
@@ -81,6 +87,10 @@ class Shutdown(Exception):
     """Raised into idle sessions when the worker stops."""
 
 
+class Expired(TimeoutError):
+    """Raised into a session whose read or write passed its deadline (SessionContext._reap)."""
+
+
 @dataclass
 class SessionContext:
     """What every session of one worker shares."""
@@ -95,9 +105,46 @@ class SessionContext:
     sessions: set[Session] = field(default_factory=set)
     stopping: bool = False
     auth_mechanisms: tuple[str, ...] = field(init=False)
+    _reaper: gevent.Greenlet | None = field(default=None, init=False, repr=False)
+    _clients: dict[str, tuple[bool, str]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.auth_mechanisms = auth.mechanisms_for(self.users) if self.users else ()
+
+    def client(self, client_ip: str) -> tuple[bool, str]:
+        """(may relay, AUTH throttle key) of an address: parsed once, clients reconnect a lot."""
+        known = self._clients.get(client_ip)
+        if known is None:
+            if len(self._clients) >= 4096:
+                self._clients.clear()
+            known = (policy.in_networks(client_ip, self.server.relay_networks), policy.throttle_key(client_ip))
+            self._clients[client_ip] = known
+        return known
+
+    def enter(self, session: Session) -> None:
+        self.sessions.add(session)
+        if self._reaper is None:
+            self._reaper = gevent.spawn(self._reap)
+
+    def _reap(self) -> None:
+        """While there are sessions: every tick, end the reads and writes past their deadline.
+
+        The tick is an eighth of the shorter timeout, between 50 ms and 1 s, so
+        a timeout fires at most that late. The check runs again on the hub just
+        before the throw: a session that got its bytes meanwhile is left alone.
+        """
+        shortest = min(self.server.cmd_timeout, self.server.data_timeout)
+        tick = min(1.0, max(0.05, shortest / 8))
+        loop = gevent.get_hub().loop
+        try:
+            while self.sessions:
+                gevent.sleep(tick)
+                now = time.monotonic()
+                for session in self.sessions:
+                    if 0.0 < session.deadline <= now:
+                        loop.run_callback(session.expire)
+        finally:
+            self._reaper = None
 
 
 @dataclass(slots=True)
@@ -124,8 +171,7 @@ class Session:
         self.listener = listener
         self.session_id = f"{next(_session_ids):x}"
         self.client_ip = str(address[0]) if address else ""
-        self.may_relay = policy.in_networks(self.client_ip, ctx.server.relay_networks)
-        self.throttle_key = policy.throttle_key(self.client_ip)
+        self.may_relay, self.throttle_key = ctx.client(self.client_ip)
         self.idle = False  # blocked waiting for a command: safe to interrupt
         mode = listener.tls.mode if listener.tls is not None and tls_context is not None else None
         self.tls_context = tls_context
@@ -143,12 +189,14 @@ class Session:
         self._auth_failures = 0
         self._upgrade = False  # STARTTLS answered 220: wrap the socket after writing it
         self._data_deadline = 0.0
+        self.deadline = 0.0  # while blocked in a read or write: when it expires (monotonic)
 
     # -- the loop ------------------------------------------------------------------
 
     def run(self) -> None:
         self.greenlet = gevent.getcurrent()
-        self.ctx.sessions.add(self)
+        self.ctx.enter(self)
+        self.sock.settimeout(None)  # deadlines are the reaper's (see the module docstring)
         try:
             if self.implicit_tls and not self._handshake():
                 return
@@ -195,23 +243,30 @@ class Session:
     def _read(self) -> bytes | None:
         """The next bytes from the client, or None after a timeout reply was queued."""
         if self.proto.in_data:
-            self.sock.settimeout(max(self._data_deadline - time.monotonic(), 0.001))
+            self.deadline = self._data_deadline
         else:
             # Between messages a stopping worker may close the session; inside a
             # transaction the client gets to finish it (within the grace period).
             between_messages = not self.proto.in_transaction
             if self.ctx.stopping and between_messages:
                 raise Shutdown()
-            self.sock.settimeout(self.ctx.server.cmd_timeout)
+            self.deadline = time.monotonic() + self.ctx.server.cmd_timeout
             self.idle = between_messages
         try:
             return self.sock.recv(65536)
         except TimeoutError:
+            self.deadline = 0.0
             self._write(R.R421_TIMEOUT.to_bytes())
             log.info("timeout", extra=self._fields())
             return None
         finally:
             self.idle = False
+            self.deadline = 0.0
+
+    def expire(self) -> None:
+        """On the hub: end the read or write this session is blocked in, if past its deadline."""
+        if 0.0 < self.deadline <= time.monotonic() and not self.greenlet.dead:
+            self.greenlet.throw(Expired())
 
     # -- TLS -----------------------------------------------------------------------
 
@@ -236,6 +291,7 @@ class Session:
             return False
         finally:
             self.idle = False
+        self.sock.settimeout(None)
         cipher = self.sock.cipher()  # type: ignore[attr-defined]
         version = self.sock.version() or ""  # type: ignore[attr-defined]
         self.tls = (version, cipher[0] if cipher else "", cipher[2] if cipher else 0)
@@ -261,9 +317,13 @@ class Session:
         if data:
             # Replies are small: one send() nearly always takes them whole, and
             # skips sendall's chunking machinery on the hot path.
-            sent = self.sock.send(data)
-            if sent < len(data):
-                self.sock.sendall(data[sent:])
+            self.deadline = time.monotonic() + self.ctx.server.cmd_timeout
+            try:
+                sent = self.sock.send(data)
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
+            finally:
+                self.deadline = 0.0
 
     # -- events ----------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ Must not: touch sockets, gevent, clocks or files; import from outside hedwig.smt
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -224,7 +225,7 @@ class ServerProtocol:
         return bool(self.auth_mechanisms) and (self.encrypted or not self.auth_needs_tls)
 
     def greeting(self) -> bytes:
-        return Reply(220, "", f"{self.limits.hostname} ESMTP Hedwig").to_bytes()
+        return _greeting(self.limits.hostname)
 
     def receive_data(self, data: bytes) -> None:
         if self.closed:
@@ -382,19 +383,8 @@ class ServerProtocol:
         if not extended:
             self._out.append(Reply(250, "", host).to_bytes())
             return event
-        lines = [
-            host,
-            "PIPELINING",
-            f"SIZE {self.limits.max_message_size}",
-            "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-            "SMTPUTF8",
-        ]
-        if self.starttls_offered:
-            lines.append("STARTTLS")
-        if self.auth_offered:
-            lines.append("AUTH " + " ".join(self.auth_mechanisms))
-        self._out.append(multiline(250, lines))
+        auth = tuple(self.auth_mechanisms) if self.auth_offered else ()
+        self._out.append(_ehlo_reply(host, self.limits.max_message_size, self.starttls_offered, auth))
         return event
 
     def _cmd_ehlo(self, arg: str) -> Event:
@@ -588,3 +578,20 @@ class ServerProtocol:
         if self._size > self.limits.max_message_size:
             self._flag(R.R552_TOO_BIG)
         return b"" if self._data_error else body
+
+
+# The greeting and EHLO replies depend on a few settings only: built once each.
+
+@functools.lru_cache(maxsize=64)
+def _greeting(hostname: str) -> bytes:
+    return Reply(220, "", f"{hostname} ESMTP Hedwig").to_bytes()
+
+
+@functools.lru_cache(maxsize=64)
+def _ehlo_reply(hostname: str, max_size: int, starttls: bool, auth: tuple[str, ...]) -> bytes:
+    lines = [hostname, "PIPELINING", f"SIZE {max_size}", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+    if starttls:
+        lines.append("STARTTLS")
+    if auth:
+        lines.append("AUTH " + " ".join(auth))
+    return multiline(250, lines)

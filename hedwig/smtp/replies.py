@@ -7,7 +7,7 @@ call site. Enhanced status codes follow RFC 3463 / RFC 5248.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +15,15 @@ class Reply:
     code: int
     enhanced: str  # "" when the reply carries no enhanced status code
     text: str
+    _wire: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Serialised once: the catalogue's replies go out thousands of times a second.
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        lines = self.text.split("\n")
+        out = [f"{self.code}-{prefix}{line}\r\n" for line in lines[:-1]]
+        out.append(f"{self.code} {prefix}{lines[-1]}\r\n")
+        object.__setattr__(self, "_wire", "".join(out).encode("utf-8"))
 
     @property
     def is_positive(self) -> bool:
@@ -29,11 +38,7 @@ class Reply:
         return Reply(self.code, self.enhanced, text)
 
     def to_bytes(self) -> bytes:
-        prefix = f"{self.enhanced} " if self.enhanced else ""
-        lines = self.text.split("\n")
-        out = [f"{self.code}-{prefix}{line}\r\n" for line in lines[:-1]]
-        out.append(f"{self.code} {prefix}{lines[-1]}\r\n")
-        return "".join(out).encode("utf-8")
+        return self._wire
 
 
 def multiline(code: int, lines: list[str]) -> bytes:

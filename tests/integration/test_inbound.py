@@ -413,6 +413,45 @@ def test_idle_command_timeout(hedwig):
         assert c.wait_closed() == b""
 
 
+def test_a_client_that_never_reads_is_cut_off(hedwig):
+    """Replies pile up unread: the blocked write ends after cmd_timeout and the
+    connection closes, while other clients are served."""
+    server = hedwig('[server]\ncmd_timeout = "1s"\n')
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((HOST, server.port))
+    sock.setblocking(False)
+    noop = b"NOOP\r\n" * 1000
+    sent = 0
+    stalled = None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # until both directions are full for 0.5 s
+        try:
+            sent += sock.send(noop)
+            stalled = None
+        except BlockingIOError:
+            stalled = stalled or time.monotonic()
+            if time.monotonic() - stalled > 0.5:
+                break
+            time.sleep(0.01)
+    assert stalled is not None, "the server kept reading"
+    with RawClient(server.port) as other:  # the worker is not stuck
+        other.expect(220)
+        other.cmd("QUIT", 221)
+    time.sleep(3)  # cmd_timeout is 1 s
+    sock.settimeout(5)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    # Cut off, it answers a small part of what was sent (not cut off: all of it).
+    assert got.count(b"250 ") < sent // len(b"NOOP\r\n") // 2, (got.count(b"250 "), sent)
+
+
 def test_data_timeout_cuts_off_a_trickling_client(hedwig):
     server = hedwig({"server": {"data_timeout": "2s"}})
     with session(server.port) as c:
