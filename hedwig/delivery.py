@@ -14,6 +14,11 @@ happened per recipient:
 - deferred after `max_retries` attempts, or older than `deferred_retention`:
   bounced.
 
+With `server.bounce_notifications`, a bounce of mail whose sender
+authenticated (and is not `<>`) also queues an RFC 3464 notification to that
+sender (dsn.py builds it), through the spool like accepted mail, before the
+bounce is recorded as final.
+
 A crash between sending and recording means the message is sent again after
 restart (at-least-once): nothing is marked done before it is. An outcome the
 spool cannot write now (a full disk) is offered again until it is written;
@@ -34,7 +39,7 @@ from typing import TypeVar
 import gevent
 from gevent.pool import Pool
 
-from . import metrics, offload
+from . import dsn, metrics, offload
 from .config import Config
 from .log import fields
 from .outcome import BOUNCED, DEFERRED, DELIVERED, Result
@@ -44,7 +49,7 @@ from .routing import Deliver
 from .scheduler import Scheduler, retry_delay
 from .signing import Signer
 from .smtp.address import domain_of
-from .spool import DamagedMessage, Envelope, QueueEntry, Spool, SpoolError, id_time
+from .spool import DamagedMessage, Envelope, QueueEntry, Spool, SpoolError, id_time, new_id
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -197,6 +202,7 @@ class Delivery:
         if outgoing is None:
             return
         results: list[Result] = []
+        hosts: dict[str, str] = {}  # recipient -> the server that answered for it (for DSNs)
         attempted = False
         groups = group_by_domain(pending)
         entry.domains = tuple(groups)
@@ -205,10 +211,10 @@ class Delivery:
             if wait > 0:  # this domain's turn comes later; not an attempt
                 results += [Result(r, WAITING, 0, f"rate limited for {wait:.1f}s") for r in rcpts]
                 continue
-            domain_results, tried = self._deliver_domain(entry, env, outgoing, domain, rcpts)
+            domain_results, tried = self._deliver_domain(entry, env, outgoing, domain, rcpts, hosts)
             results += domain_results
             attempted = attempted or tried
-        self._conclude(entry, env, body, results, attempted)
+        self._conclude(entry, env, body, results, attempted, hosts=hosts)
 
     def _sign(self, entry: QueueEntry, env: Envelope, body: bytes, pending: list[str]) -> bytes | None:
         """The message as this attempt sends it: DKIM-signed once for all its domains (SPEC §6).
@@ -233,20 +239,24 @@ class Delivery:
         metrics.dkim_signing_latency.observe(time.monotonic() - started)
         return signed
 
-    def _deliver_domain(self, entry: QueueEntry, env: Envelope, body: bytes,
-                        domain: str, rcpts: list[str]) -> tuple[list[Result], bool]:
+    def _deliver_domain(self, entry: QueueEntry, env: Envelope, body: bytes, domain: str,
+                        rcpts: list[str], hosts: dict[str, str]) -> tuple[list[Result], bool]:
         started = time.monotonic()
         label = metrics.domain_label(domain)
         plan = self.resolver.plan(domain, self.server.routes, self.server.smtp.port, self.rng)
         if not isinstance(plan, Deliver):
             # No transaction: the recipients' fate is the plan's (SPEC §5: a
-            # permanent DNS failure bounces without an attempt).
-            results = [Result(r, BOUNCED if plan.permanent else DEFERRED, 0, plan.reason) for r in rcpts]
+            # permanent DNS failure bounces without an attempt). The reason opens
+            # with its RFC 3463 code, as a server's reply text would.
+            reason = f"{plan.status} {plan.reason}".strip()
+            results = [Result(r, BOUNCED if plan.permanent else DEFERRED, 0, reason) for r in rcpts]
             self._log_attempt(entry, domain, None, results, time.monotonic() - started)
             if not plan.permanent:
                 metrics.send_attempts.labels(domain=label, status="failure").inc()
             return results, not plan.permanent
         attempt = self.transport.send(plan.targets, env.sender, rcpts, body)
+        if attempt.host:
+            hosts.update(dict.fromkeys(rcpts, attempt.host.partition("[")[0]))
         self._log_attempt(entry, domain, attempt.host or None, attempt.results, attempt.latency)
         metrics.send_latency.labels(domain=label).observe(attempt.latency)
         success = all(r.kind == DELIVERED for r in attempt.results)
@@ -268,7 +278,7 @@ class Delivery:
             metrics.retry_attempts.inc()
 
     def _conclude(self, entry: QueueEntry, env: Envelope, body: bytes, results: list[Result],
-                  attempted: bool, expired: bool = False) -> None:
+                  attempted: bool, expired: bool = False, hosts: dict[str, str] | None = None) -> None:
         if attempted:
             self._count_attempt(entry)
         bounced = list(entry.bounced)
@@ -297,6 +307,8 @@ class Delivery:
                 metrics.emails_deferred.inc()
             return
         if bounced:
+            if self.server.bounce_notifications and dsn.wants_notification(env.sender, env.auth):
+                self._recorded(entry, "dsn", lambda: self._queue_dsn(env, body, bounced, hosts or {}))
             report = bounce_report(env, bounced)
             path = self._recorded(entry, "bounce", lambda: self.spool.write_bounced(entry, body, report))
             log.info("bounced", extra=fields(msg_id=entry.msg_id, rcpts=len(bounced), kept=path))
@@ -307,6 +319,34 @@ class Delivery:
             log.info("delivered", extra=fields(msg_id=entry.msg_id, rcpts=delivered, attempts=entry.attempts))
             self._finish(entry, "delivered")
             metrics.emails_sent.inc()
+
+    def _queue_dsn(self, env: Envelope, body: bytes, bounced: Sequence[tuple[str, int, str]],
+                   hosts: dict[str, str]) -> None:
+        """Queue an RFC 3464 notification of this bounce to its sender, as the session queues mail.
+
+        It is durable before the bounce is recorded (the caller's order): a
+        crash in between bounces the message again after the restart and
+        sends a second notification (at-least-once), never none. From then on
+        it is ordinary queued mail with the null sender (routes, MX, DKIM,
+        retries); if it bounces itself, no notification follows. Counted as
+        received, so received = sent + bounced + dropped + queue depth holds.
+        Raises SpoolError or OSError (the caller offers it again); a failed
+        try leaves nothing queued.
+        """
+        now = time.time()
+        dsn_id = new_id(now)
+        failures = [dsn.Failure(rcpt, code, text, hosts.get(rcpt, "")) for rcpt, code, text in bounced]
+        data = dsn.build_report(reporting_mta=self.server.helo_hostname, dsn_id=dsn_id, now=now,
+                                sender=env.sender, msg_id=env.msg_id, arrival=env.received_at,
+                                failures=failures, original=body)
+        notice = Envelope(msg_id=dsn_id, sender="", recipients=(env.sender,), received_at=now,
+                          smtputf8=not env.sender.isascii(), body="" if data.isascii() else "8BITMIME")
+        writer = self.spool.create(notice)
+        writer.write(data)
+        self.spool.commit(writer)
+        self.scheduler.add(self.spool.entries[notice.msg_id])  # commit() put it there
+        log.info("dsn queued", extra=fields(msg_id=notice.msg_id, about=env.msg_id, rcpts=len(failures)))
+        metrics.emails_received.inc()
 
     def _finish(self, entry: QueueEntry, outcome: str) -> None:
         self._recorded(entry, outcome, lambda: self.spool.finish(entry, outcome))

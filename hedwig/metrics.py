@@ -28,7 +28,9 @@ up after `init()` replaced it.
 What counts what (the unit is the *message*, not the recipient):
 
 hedwig_emails_received_total      messages accepted: durable in the spool and
-                                  answered `250 ... queued as` (session.py).
+                                  answered `250 ... queued as` (session.py), and
+                                  bounce notifications queued (delivery.py), which
+                                  then leave the queue like any message.
 hedwig_emails_sent_total          messages that left the queue with every
                                   recipient delivered.
 hedwig_emails_bounced_total       messages that left the queue with at least one

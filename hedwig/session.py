@@ -442,6 +442,7 @@ class Session:
             helo=self.proto.helo or "",
             smtputf8=tx.smtputf8,
             body=tx.body,
+            auth=self.user or "",  # server.bounce_notifications: only these senders get DSNs
         )
         self._data_deadline = time.monotonic() + self.ctx.server.data_timeout
         try:

@@ -116,6 +116,7 @@ class Envelope:
     helo: str = ""
     smtputf8: bool = False
     body: str = ""  # "8BITMIME", "7BIT" or "" (not declared)
+    auth: str = ""  # the SMTP AUTH user of the submitting session, "" if none (never a password)
 
     def to_json(self) -> bytes:
         fields = {name: getattr(self, name) for name in self.__slots__}
@@ -123,6 +124,7 @@ class Envelope:
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
+        """A record's envelope; fields added since it was written take their defaults."""
         fields = json.loads(data)
         fields["recipients"] = tuple(fields["recipients"])
         return cls(**fields)

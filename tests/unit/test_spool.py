@@ -55,6 +55,15 @@ def test_accept_and_read_back_exactly(spool):
     assert env.msg_id == msg_id and env.recipients == ("rcpt@example.test",)
 
 
+def test_envelope_auth_round_trips_and_old_records_default_to_none():
+    env = Envelope(new_id(), "s@example.test", ("r@example.test",), 1.0, auth="alice")
+    assert Envelope.from_json(env.to_json()) == env
+    # A record written before the field existed reads as "not authenticated".
+    old = b'{"msg_id":"%s","sender":"s@x.test","recipients":["r@y.test"],"received_at":1.0,' \
+          b'"client":"127.0.0.1","helo":"c.test","smtputf8":false,"body":""}' % new_id().encode()
+    assert Envelope.from_json(old).auth == ""
+
+
 def test_permissions(spool, tmp_path):
     accept(spool, b"x\r\n")
     base = tmp_path / "spool"
