@@ -190,6 +190,7 @@ class Session:
         self._upgrade = False  # STARTTLS answered 220: wrap the socket after writing it
         self._data_deadline = 0.0
         self.deadline = 0.0  # while blocked in a read or write: when it expires (monotonic)
+        self._answered = False  # a reply went out since the last read: the client has to act first
 
     # -- the loop ------------------------------------------------------------------
 
@@ -253,6 +254,15 @@ class Session:
             self.deadline = time.monotonic() + self.ctx.server.cmd_timeout
             self.idle = between_messages
         try:
+            if self._answered and self.tls is None:
+                # The client is still reading our reply, so a recv() now would
+                # only fail with EAGAIN (a syscall and an exception): wait until
+                # the socket is readable first. gevent's own wait, the one its
+                # recv() uses after an EAGAIN; saves ~1.3 µs of CPU a read
+                # (bench/RESULTS.md). Not with TLS: the SSL object may hold
+                # bytes already decrypted while the socket has none.
+                self.sock._wait(self.sock._read_event)  # type: ignore[attr-defined]
+            self._answered = False
             return self.sock.recv(65536)
         except TimeoutError:
             self.deadline = 0.0
@@ -317,6 +327,7 @@ class Session:
         if data:
             # Replies are small: one send() nearly always takes them whole, and
             # skips sendall's chunking machinery on the hot path.
+            self._answered = True
             self.deadline = time.monotonic() + self.ctx.server.cmd_timeout
             try:
                 sent = self.sock.send(data)
