@@ -36,6 +36,15 @@ for a slot, evicting the least recently used idle connection when that makes
 room.  Every network wait is bounded: `connect_timeout` for the TCP connect,
 `command_timeout` for each command reply, the handshake and each send.
 
+Pipelining (RFC 2920): to a server that offers PIPELINING, MAIL, every RCPT
+and DATA go in one write, and so does the RSET a pooled connection needs
+before its next transaction; the replies are then read in order. Two writes
+and two waits a message instead of five: relaying spends most of its CPU on
+the hub's round trips (bench/RESULTS.md, "outbound pipelining"). A pooled
+connection whose pipelined RSET gets no 250 (the server dropped it while
+idle) is closed and the message goes on a fresh one, as after a failed RSET
+in lockstep: nothing was accepted on it. To other servers, lockstep.
+
 Must not: import gevent -- the worker's monkey-patching makes `socket`, `ssl`
 and `threading` (hence smtplib and the pool's Condition) cooperative, while
 tests use the same code with native threads -- decide retries or bounces of a
@@ -122,6 +131,11 @@ class _Pooled:
     key: tuple[str, int, str]
     label: str
     idle_since: float = 0.0
+    reused: bool = False  # taken from the pool: a transaction ran on it before
+
+
+class _Stale(Exception):
+    """A pooled connection did not answer its pipelined RSET: use another."""
 
 
 class _Connection(smtplib.SMTP):
@@ -224,7 +238,7 @@ class Transport:
         failure = _Failure(0, "no hosts to try")
         where = ""
         for target in targets:
-            got = self._checkout(target)
+            got = self._attempt(target, sender, recipients, message, start)
             if isinstance(got, _Failure):
                 failure, where = got, _label(target)
                 log.debug("smtp out host=%s unusable code=%d error=%s",
@@ -232,11 +246,25 @@ class Transport:
                 if got.final:
                     break
                 continue
-            results = self._transaction(got, sender, recipients, message, start)
-            return Attempt(got.label, results, time.monotonic() - start)
+            label, results = got
+            return Attempt(label, results, time.monotonic() - start)
         text = one_line(f"{where}: {failure.text}" if where else failure.text)
         results = tuple(Result(r, DEFERRED, failure.code, text) for r in recipients)
         return Attempt("", results, time.monotonic() - start)
+
+    def _attempt(self, target: TargetLike, sender: str, recipients: tuple[str, ...], message: bytes,
+                 start: float) -> tuple[str, tuple[Result, ...]] | _Failure:
+        """One target: a connection (pooled or new) and the transaction on it."""
+        while True:
+            got = self._checkout(target)
+            if isinstance(got, _Failure):
+                return got
+            try:
+                return got.label, self._transaction(got, sender, recipients, message, start)
+            except _Stale:
+                # Nothing was accepted on it. Each stale connection is closed and a
+                # new one is never stale, so this ends.
+                continue
 
     # --- one transaction ------------------------------------------------------------
 
@@ -276,19 +304,30 @@ class Transport:
             if needs_utf8:
                 options.append(" SMTPUTF8")
                 conn.command_encoding = "utf-8"
+            mail = f"FROM:<{path}>{''.join(options)}"
+            todo = [i for i in range(len(recipients)) if i not in final]
 
-            code, reply = conn.docmd("MAIL", f"FROM:<{path}>{''.join(options)}")
+            pipelined = conn.has_extn("pipelining")
+            if pipelined:
+                # RFC 2920: the whole envelope in one write, replies read in order.
+                group = ["RSET"] if entry.reused else []
+                group += [f"MAIL {mail}"] + [f"RCPT TO:<{recipients[i]}>" for i in todo] + ["DATA"]
+                self._pipeline(entry, group)
+
+            def ask(verb: str, args: str = "") -> tuple[int, bytes]:
+                return conn.getreply() if pipelined else conn.docmd(verb, args)
+
+            code, reply = ask("MAIL", mail)
             codes.append(f"mail={code}")
             if not 200 <= code <= 299:
                 every_open(classify_reply(code), code, reply)
-                reusable = code != 421
+                reusable = code != 421 and (not pipelined or self._drain(conn, len(todo) + 1))
                 return self._finish(entry, recipients, final, codes, reusable, start)
 
             stage = "RCPT TO"
-            for i, rcpt in enumerate(recipients):
-                if i in final:
-                    continue
-                code, reply = conn.docmd("RCPT", f"TO:<{rcpt}>")
+            for n, i in enumerate(todo):
+                rcpt = recipients[i]
+                code, reply = ask("RCPT", f"TO:<{rcpt}>")
                 codes.append(f"rcpt={code}")
                 if 200 <= code <= 299:
                     accepted.append(i)
@@ -299,10 +338,11 @@ class Transport:
                     every_open(DEFERRED, code, reply)
                     return self._finish(entry, recipients, final, codes, reusable, start)
             if not accepted:
+                reusable = not pipelined or self._drain(conn, 1)  # DATA's reply
                 return self._finish(entry, recipients, final, codes, reusable, start)
 
             stage = "DATA"
-            code, reply = conn.docmd("DATA")
+            code, reply = ask("DATA")
             codes.append(f"data={code}")
             if code == 354:
                 stage = "sending message"
@@ -329,6 +369,41 @@ class Transport:
             return self._finish(entry, recipients, final, codes, False, start, polite=False)
         return self._finish(entry, recipients, final, codes, reusable, start)
 
+    def _pipeline(self, entry: _Pooled, group: list[str]) -> None:
+        """Send a pipelined group; on a reused connection, the RSET at its head must say 250.
+
+        Raises _Stale (the connection closed) when a reused connection fails
+        before its RSET is answered with 250, OSError otherwise.
+        """
+        conn = entry.conn
+        try:
+            conn.sock.sendall("".join(line + "\r\n" for line in group).encode(conn.command_encoding))
+            if entry.reused:
+                code, _ = conn.getreply()
+        except OSError:
+            if not entry.reused:
+                raise
+            code = 0
+        if entry.reused and code != 250:
+            self._discard(entry, polite=False)  # MAIL, RCPT and DATA may be pending: no QUIT
+            raise _Stale()
+
+    def _drain(self, conn: _Connection, replies: int) -> bool:
+        """Read the replies still due for a pipelined group cut short: True if the connection is fit for reuse.
+
+        RFC 2920 §3.1: if DATA was accepted after all, a lone dot ends the empty message.
+        """
+        try:
+            code = 0
+            for _ in range(replies):
+                code, _ = conn.getreply()
+            if code == 354:
+                conn.sock.sendall(b".\r\n")
+                code, _ = conn.getreply()
+            return code != 421
+        except OSError:
+            return False
+
     def _finish(self, entry: _Pooled, recipients: tuple[str, ...], final: dict[int, Result],
                 codes: list[str], reusable: bool, start: float,
                 polite: bool = True) -> tuple[Result, ...]:
@@ -353,8 +428,9 @@ class Transport:
                 self._quit(entry.conn)
                 self._release()
             if reuse is not None:
-                if self._reset(reuse.conn):
-                    return reuse
+                reuse.reused = True
+                if reuse.conn.has_extn("pipelining") or self._reset(reuse.conn):
+                    return reuse  # with PIPELINING, RSET goes in the transaction's first write
                 self._discard(reuse)  # dropped while idle, or RSET refused: open another
                 continue
             if not slot:

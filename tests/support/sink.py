@@ -28,6 +28,8 @@ Behaviour is scriptable, and may be changed between sends (plain attributes):
   drop_in_data      close the connection after 354 and the first bytes of the message
   tls               (cert, key) or a server ssl.SSLContext: offer STARTTLS (not required)
   smtputf8          advertise SMTPUTF8 (default True)
+  pipelining        advertise PIPELINING (default True, as real MTAs do; the
+        client then sends RSET, MAIL, RCPT and DATA in one write)
 
 `drop_connections()` closes every open connection from the server side (an
 MTA dropping idle clients).  `stop()` is bounded; the sink is a context manager.
@@ -95,6 +97,8 @@ class _Handler:
         if self.sink.ehlo_reply:
             return [self.sink.ehlo_reply]
         session.host_name = hostname
+        if self.sink.pipelining:
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope,
@@ -220,11 +224,13 @@ class Sink:
                  hang_after_data: bool | Callable[[Message], bool] = False,
                  drop_in_data: bool = False,
                  close_before_reply: bool | Callable[[Message], bool] = False,
-                 smtputf8: bool = True, hostname: str = "sink.test") -> None:
+                 smtputf8: bool = True, pipelining: bool = True,
+                 hostname: str = "sink.test") -> None:
         self.mail_reply = mail_reply
         self.rcpt_reply = rcpt_reply
         self.data_reply = data_reply
         self.ehlo_reply = ehlo_reply
+        self.pipelining = pipelining
         self.greeting = greeting
         self.hang_after_data = hang_after_data
         self.drop_in_data = drop_in_data

@@ -6,6 +6,7 @@ here (its pool uses `threading`, which gevent makes cooperative in a worker).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,12 +33,16 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
     return make_certs(Path(tmp_path_factory.mktemp("certs")))
 
 
-@pytest.fixture
-def sink() -> Iterator[Callable[..., Sink]]:
-    """Factory: sink(**behaviour) -> a started Sink, stopped at teardown."""
+@pytest.fixture(params=[True, False], ids=["pipelining", "lockstep"])
+def sink(request: pytest.FixtureRequest) -> Iterator[Callable[..., Sink]]:
+    """Factory: sink(**behaviour) -> a started Sink, stopped at teardown.
+
+    Every test runs against a sink that offers PIPELINING and one that does not.
+    """
     started: list[Sink] = []
 
     def start(*args: Any, **kwargs: Any) -> Sink:
+        kwargs.setdefault("pipelining", request.param)
         s = Sink(*args, **kwargs)
         started.append(s)
         return s
@@ -447,3 +452,110 @@ def test_close_quits_pooled_connections(sink, transport) -> None:
     t.close()
     assert t.pooled == 0
     s.wait(lambda: s.active == 0, what="the pooled connection to be closed")
+
+
+# --- pipelining (RFC 2920) ------------------------------------------------------------
+
+def test_refusals_leave_a_connection_usable(sink, transport) -> None:
+    """MAIL refused, then every RCPT refused (pipelined: the replies still due are
+    read first): the next message still goes over the same connection."""
+    s = sink(mail_reply="550 5.1.8 bad sender")
+    t = transport()
+    assert kinds(t.send([to(s)], SENDER, ["a@sink.test", "b@sink.test"], MESSAGE)) == [BOUNCED, BOUNCED]
+    s.mail_reply = None
+    s.rcpt_reply = lambda rcpt: "550 5.1.1 no such user"
+    assert kinds(t.send([to(s)], SENDER, ["c@sink.test"], MESSAGE)) == [BOUNCED]
+    s.rcpt_reply = None
+    assert kinds(t.send([to(s)], SENDER, ["d@sink.test"], MESSAGE)) == [DELIVERED]
+    assert s.connections == 1
+    assert [m.rcpt_tos for m in s.messages] == [["d@sink.test"]]
+
+
+class _ScriptedServer:
+    """A raw SMTP server offering PIPELINING that answers nothing until a whole group arrived.
+
+    A lockstep client would wait for the MAIL reply forever, so each group
+    received proves the commands came together. `groups` keeps them;
+    `rset_reply` answers the RSET heading a group.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.groups: list[list[bytes]] = []
+        self.connections = 0
+        self.rset_reply = b"250 2.0.0 reset\r\n"
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(10)
+        try:
+            while True:
+                conn, _ = self.listener.accept()
+                self.connections += 1
+                threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+        except OSError:
+            pass
+
+    def _session(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        buf = b""
+
+        def until(marker: bytes) -> bytes:
+            nonlocal buf
+            while marker not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    raise EOFError
+                buf += chunk
+            head, _, buf = buf.partition(marker)
+            return head + marker
+
+        try:
+            conn.sendall(b"220 scripted\r\n")
+            until(b"\r\n")  # EHLO
+            conn.sendall(b"250-scripted\r\n250 PIPELINING\r\n")
+            while True:
+                group = until(b"DATA\r\n").split(b"\r\n")[:-1]
+                self.groups.append(group)
+                replies = b""
+                if group[0] == b"RSET":
+                    replies += self.rset_reply
+                    if not self.rset_reply.startswith(b"250"):
+                        conn.sendall(replies)
+                        return
+                replies += b"250 2.1.0 ok\r\n" * (len(group) - 1 - (group[0] == b"RSET")) + b"354 go\r\n"
+                conn.sendall(replies)
+                until(b"\r\n.\r\n")
+                conn.sendall(b"250 2.0.0 queued\r\n")
+        except (OSError, EOFError) as exc:
+            self.errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_the_envelope_goes_in_one_write_and_rset_with_it(transport) -> None:
+    server = _ScriptedServer()
+    try:
+        t = transport()
+        target = Target(HOST, server.port, "scripted.test")
+        rcpts = ["a@sink.test", "b@sink.test"]
+        assert kinds(t.send([target], SENDER, rcpts, MESSAGE)) == [DELIVERED, DELIVERED]
+        assert kinds(t.send([target], SENDER, ["c@sink.test"], MESSAGE)) == [DELIVERED]
+        assert server.groups == [
+            [b"MAIL FROM:<sender@client.test>", b"RCPT TO:<a@sink.test>", b"RCPT TO:<b@sink.test>", b"DATA"],
+            [b"RSET", b"MAIL FROM:<sender@client.test>", b"RCPT TO:<c@sink.test>", b"DATA"],
+        ]
+        assert server.connections == 1
+        # A pooled connection whose RSET is refused is closed; the message goes on a new one.
+        server.rset_reply = b"421 4.3.2 closing\r\n"
+        assert kinds(t.send([target], SENDER, ["d@sink.test"], MESSAGE)) == [DELIVERED]
+        assert server.connections == 2
+        assert server.groups[-1] == [b"MAIL FROM:<sender@client.test>", b"RCPT TO:<d@sink.test>", b"DATA"]
+    finally:
+        server.close()
