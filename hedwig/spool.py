@@ -265,9 +265,18 @@ def _payload_ok(fd: int, loc: Location) -> bool:
 
 def read_payload(loc: Location) -> tuple[bytes, bytes]:
     """(meta, body) of a record, after its checksum. Raises DamagedMessage."""
-    with open(loc.path, "rb") as f:
-        f.seek(loc.offset + HEADER.size)
-        payload = f.read(loc.meta_len + loc.body_len)
+    # os.pread rather than open(): no buffered file object, seek or fstat per delivery.
+    size = loc.meta_len + loc.body_len
+    fd = os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        payload = os.pread(fd, size, loc.offset + HEADER.size)
+        while 0 < len(payload) < size:
+            more = os.pread(fd, size - len(payload), loc.offset + HEADER.size + len(payload))
+            if not more:
+                break
+            payload += more
+    finally:
+        os.close(fd)
     if len(payload) != loc.meta_len + loc.body_len or zlib.crc32(payload) != loc.payload_crc:
         raise DamagedMessage(f"{loc.msg_id}: checksum mismatch in {os.path.basename(loc.path)}@{loc.offset}")
     return payload[: loc.meta_len], payload[loc.meta_len:]
