@@ -308,7 +308,10 @@ class Delivery:
             return
         if bounced:
             if self.server.bounce_notifications and dsn.wants_notification(env.sender, env.auth):
-                self._recorded(entry, "dsn", lambda: self._queue_dsn(env, body, bounced, hosts or {}))
+                if self.spool.healthy:
+                    self._recorded(entry, "dsn", lambda: self._queue_dsn(env, body, bounced, hosts or {}))
+                else:  # it refuses every new message until restart: do not wait for it
+                    log.error("dsn not queued: the spool is unhealthy", extra=fields(msg_id=entry.msg_id))
             report = bounce_report(env, bounced)
             path = self._recorded(entry, "bounce", lambda: self.spool.write_bounced(entry, body, report))
             log.info("bounced", extra=fields(msg_id=entry.msg_id, rcpts=len(bounced), kept=path))

@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import gevent
+import gevent.socket
 from gevent.queue import Queue
 
 from . import metrics, offload, policy
@@ -69,6 +70,10 @@ log = logging.getLogger(__name__)
 _session_ids = itertools.count(1)
 
 HANDSHAKE_TIMEOUT = 30.0  # seconds for a TLS handshake (cmd_timeout if shorter)
+
+# Waiting for readability before recv() uses gevent's private per-socket wait
+# (see Session._read); without it (another gevent), recv() simply goes first.
+_WAIT_FIRST = hasattr(gevent.socket.socket, "_wait") and hasattr(gevent.socket.socket, "_read_event")
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -123,7 +128,7 @@ class SessionContext:
 
     def enter(self, session: Session) -> None:
         self.sessions.add(session)
-        if self._reaper is None:
+        if self._reaper is None or self._reaper.dead:
             self._reaper = gevent.spawn(self._reap)
 
     def _reap(self) -> None:
@@ -144,7 +149,8 @@ class SessionContext:
                     if 0.0 < session.deadline <= now:
                         loop.run_callback(session.expire)
         finally:
-            self._reaper = None
+            if self._reaper is gevent.getcurrent():
+                self._reaper = None
 
 
 @dataclass(slots=True)
@@ -254,7 +260,7 @@ class Session:
             self.deadline = time.monotonic() + self.ctx.server.cmd_timeout
             self.idle = between_messages
         try:
-            if self._answered and self.tls is None:
+            if self._answered and self.tls is None and _WAIT_FIRST:
                 # The client is still reading our reply, so a recv() now would
                 # only fail with EAGAIN (a syscall and an exception): wait until
                 # the socket is readable first. gevent's own wait, the one its

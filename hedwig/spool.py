@@ -120,12 +120,15 @@ class Envelope:
 
     def to_json(self) -> bytes:
         fields = {name: getattr(self, name) for name in self.__slots__}
+        if not self.auth:
+            del fields["auth"]  # as before it existed: an older Hedwig can still read the record
         return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
-        """A record's envelope; fields added since it was written take their defaults."""
-        fields = json.loads(data)
+        """A record's envelope; fields added since it was written take their defaults,
+        fields a newer Hedwig added are ignored (a rollback keeps its queue)."""
+        fields = {k: v for k, v in json.loads(data).items() if k in cls.__slots__}
         fields["recipients"] = tuple(fields["recipients"])
         return cls(**fields)
 

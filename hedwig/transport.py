@@ -321,8 +321,9 @@ class Transport:
             codes.append(f"mail={code}")
             if not 200 <= code <= 299:
                 every_open(classify_reply(code), code, reply)
-                reusable = code != 421 and (not pipelined or self._drain(conn, len(todo) + 1))
-                return self._finish(entry, recipients, final, codes, reusable, start)
+                fit = code != 421 and (not pipelined or self._drain(conn, len(todo) + 1))
+                # Not fit and pipelined: replies may still be due, so no QUIT.
+                return self._finish(entry, recipients, final, codes, fit, start, polite=fit or not pipelined)
 
             stage = "RCPT TO"
             for n, i in enumerate(todo):
@@ -334,16 +335,23 @@ class Transport:
                 else:
                     final[i] = Result(rcpt, classify_reply(code), code, one_line(reply))
                 if code == 421:  # RFC 5321 §3.8: the server is closing the channel
-                    reusable = False
                     every_open(DEFERRED, code, reply)
-                    return self._finish(entry, recipients, final, codes, reusable, start)
+                    # Pipelined, more replies are due: a QUIT would read one of them.
+                    return self._finish(entry, recipients, final, codes, False, start,
+                                        polite=not pipelined)
             if not accepted:
-                reusable = not pipelined or self._drain(conn, 1)  # DATA's reply
-                return self._finish(entry, recipients, final, codes, reusable, start)
+                fit = not pipelined or self._drain(conn, 1)  # DATA's reply
+                return self._finish(entry, recipients, final, codes, fit, start, polite=fit)
 
             stage = "DATA"
             code, reply = ask("DATA")
             codes.append(f"data={code}")
+            if code != 354 and code < 400:
+                # Only 354 invites the message: any other positive reply is out of
+                # step (an extra reply earlier, or a broken server) and must not
+                # count as delivered when no byte of the message was sent.
+                every_open(DEFERRED, code, f"DATA: unexpected reply {code} {one_line(reply)}")
+                return self._finish(entry, recipients, final, codes, False, start, polite=False)
             if code == 354:
                 stage = "sending message"
                 stuffed = dot_stuff(message)
@@ -391,18 +399,20 @@ class Transport:
     def _drain(self, conn: _Connection, replies: int) -> bool:
         """Read the replies still due for a pipelined group cut short: True if the connection is fit for reuse.
 
-        RFC 2920 §3.1: if DATA was accepted after all, a lone dot ends the empty message.
+        Bounded by QUIT_TIMEOUT: a server that dropped the rest of the group
+        costs seconds, not command_timeout. If DATA was accepted after all, the
+        connection is closed rather than ended with RFC 2920 §3.1's lone dot: a
+        server that ignored the refusals might take that for an empty message.
         """
         try:
+            conn.sock.settimeout(min(self.command_timeout, QUIT_TIMEOUT))
             code = 0
             for _ in range(replies):
                 code, _ = conn.getreply()
-            if code == 354:
-                conn.sock.sendall(b".\r\n")
-                code, _ = conn.getreply()
-            return code != 421
+            conn.sock.settimeout(self.command_timeout)
         except OSError:
             return False
+        return code not in (354, 421)
 
     def _finish(self, entry: _Pooled, recipients: tuple[str, ...], final: dict[int, Result],
                 codes: list[str], reusable: bool, start: float,

@@ -485,6 +485,8 @@ class _ScriptedServer:
         self.groups: list[list[bytes]] = []
         self.connections = 0
         self.rset_reply = b"250 2.0.0 reset\r\n"
+        self.data_reply = b"354 go\r\n"
+        self.dot_reply = b"250 2.0.0 queued\r\n"
         self.errors: list[str] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -526,10 +528,11 @@ class _ScriptedServer:
                     if not self.rset_reply.startswith(b"250"):
                         conn.sendall(replies)
                         return
-                replies += b"250 2.1.0 ok\r\n" * (len(group) - 1 - (group[0] == b"RSET")) + b"354 go\r\n"
+                replies += b"250 2.1.0 ok\r\n" * (len(group) - 1 - (group[0] == b"RSET")) + self.data_reply
                 conn.sendall(replies)
-                until(b"\r\n.\r\n")
-                conn.sendall(b"250 2.0.0 queued\r\n")
+                if self.data_reply.startswith(b"354"):
+                    until(b"\r\n.\r\n")
+                    conn.sendall(self.dot_reply)
         except (OSError, EOFError) as exc:
             self.errors.append(repr(exc))
         finally:
@@ -557,5 +560,27 @@ def test_the_envelope_goes_in_one_write_and_rset_with_it(transport) -> None:
         assert kinds(t.send([target], SENDER, ["d@sink.test"], MESSAGE)) == [DELIVERED]
         assert server.connections == 2
         assert server.groups[-1] == [b"MAIL FROM:<sender@client.test>", b"RCPT TO:<d@sink.test>", b"DATA"]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("trouble", ["250 to DATA", "an extra reply after the dot"])
+def test_a_reply_out_of_step_never_counts_as_delivered(transport, trouble: str) -> None:
+    """Only 354 sends the message: a 250 where 354 belongs (a broken server, or
+    every reply read one step late after an unsolicited one) defers, and the
+    connection is not used again."""
+    server = _ScriptedServer()
+    try:
+        t = transport()
+        target = Target(HOST, server.port, "scripted.test")
+        if trouble == "250 to DATA":
+            server.data_reply = b"250 2.0.0 fine\r\n"
+        else:
+            server.dot_reply = b"250 2.0.0 queued\r\n250 2.0.0 extra\r\n"
+            assert kinds(t.send([target], SENDER, ["a@sink.test"], MESSAGE)) == [DELIVERED]
+        attempt = t.send([target], SENDER, ["b@sink.test"], MESSAGE)
+        assert kinds(attempt) == [DEFERRED], attempt
+        assert "unexpected reply" in attempt.results[0].text
+        assert t.pooled == 0
     finally:
         server.close()
