@@ -193,7 +193,9 @@ class Delivery:
             metrics.emails_dropped.inc()
             return
         retention = self.cleanup.deferred_retention
-        if entry.attempts and retention is not None and time.time() - env.received_at > retention:
+        # Age by the id's time, as the cleanup task does: env.received_at is up to a
+        # millisecond later, and a message the cleanup found too old must expire here.
+        if entry.attempts and retention is not None and time.time() - id_time(entry.msg_id) > retention:
             results = [Result(r, BOUNCED, 0, "expired: queued longer than deferred_retention")
                        for r in pending]
             self._conclude(entry, env, body, results, attempted=False, expired=True)
