@@ -3,10 +3,12 @@
 Reading (list, show, stats) takes no lock and changes nothing, so it is safe
 next to a running server: segments are read header by header (a record being
 appended looks torn and is simply not there yet), journals up to their last
-whole line (a line being written is not there yet), and each segment's journal
-is read *before* its records, so a segment reclaimed meanwhile shows nothing
-rather than mail that was long delivered. Message bodies are never read,
-except by `show` to check the record's checksum and print its header section.
+whole line (a line being written is not there yet), and a writer's journals
+are read *before* its records, so a segment reclaimed meanwhile shows nothing
+rather than mail that was long delivered. A message that compaction copied
+forward is read as the server reads it: its newest copy, done if any of its
+writer's journals says so. Message bodies are never read, except by `show`
+to check the record's checksum and print its header section.
 
 States, as far as the disk tells them:
 
@@ -113,9 +115,12 @@ def read_queue(base_path: str, *, details: bool = True, only: str | None = None)
     """
     log_dir, bounced_dir, quarantine_dir = _spool_dirs(base_path)
     found: dict[str, Message] = {}
-    for _writer, _seq, path in list_segments(log_dir):
-        for msg in _read_segment(path, details, only):
-            found.setdefault(msg.msg_id, msg)  # as the server's recovery: the first copy wins
+    writers: dict[str, list[str]] = {}
+    for writer, _seq, path in list_segments(log_dir):
+        writers.setdefault(writer, []).append(path)
+    for paths in writers.values():
+        for msg in _read_writer(paths, details, only):
+            found.setdefault(msg.msg_id, msg)  # as the server's recovery: the first writer's wins
     # A bounce is kept before its done line is written: the files win.
     for msg in _read_kept(bounced_dir, "bounced", (".eml", ".reason"), details, only):
         found[msg.msg_id] = msg
@@ -129,21 +134,38 @@ def find(base_path: str, msg_id: str) -> Message | None:
     return found[0] if found else None
 
 
-def _read_segment(path: str, details: bool, only: str | None) -> Iterator[Message]:
-    # The journal first: if the segment is reclaimed between the two reads, its
+def _read_writer(paths: list[str], details: bool, only: str | None) -> Iterator[Message]:
+    """The queued messages of one writer's segments (`paths`, oldest first), by the server's rules.
+
+    Compaction may have left older copies of a message in older segments: the
+    newest copy is the message, a done line in any journal ends it, and its
+    state is the latest line of the newest journal at or below that copy's
+    segment (spool.Spool._load).
+    """
+    # Every journal first: if a segment is reclaimed between the two reads, its
     # records are gone too, rather than showing as queued with no done lines.
-    states, done = load_journal(journal_path(path))
+    journals = [load_journal(journal_path(path)) for path in paths]
+    done = {msg_id: outcome for _states, outcomes in journals for msg_id, outcome in outcomes.items()}
+    newest: dict[str, tuple[int, Location]] = {}
+    fds: dict[str, int] = {}
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        for loc in iter_records(path):
-            if loc.kind != MESSAGE or loc.msg_id in done or (only is not None and loc.msg_id != only):
+        for i, path in enumerate(paths):
+            try:
+                fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
                 continue
-            yield _queued(loc, states.get(loc.msg_id), _read_envelope(fd, loc) if details else None)
+            for loc in iter_records(path):
+                if loc.kind == MESSAGE and (only is None or loc.msg_id == only):
+                    newest[loc.msg_id] = (i, loc)
+        for msg_id, (i, loc) in newest.items():
+            if msg_id in done:
+                continue
+            state = next((states[msg_id] for states, _done in reversed(journals[: i + 1]) if msg_id in states),
+                         None)
+            yield _queued(loc, state, _read_envelope(fds[loc.path], loc) if details else None)
     finally:
-        os.close(fd)
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _read_envelope(fd: int, loc: Location) -> Envelope | None:

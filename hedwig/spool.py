@@ -45,6 +45,18 @@ batch is syncing form the next batch. A failed write or sync is never retried
 (the kernel may have dropped the dirty pages): the spool turns unhealthy and
 refuses new mail until restart.
 
+Compaction (SPEC §4: disk use follows the live backlog, not history): a
+segment goes once nothing in it is queued, so one message deferred for hours
+would keep its whole segment. compact() copies the queued records of a mostly
+dead segment of the worker's own writer, verbatim (a header names no place),
+to the end of the current segment, with their state lines in its journal,
+through the committer like any append; the entries then point at the copies
+and the old segment goes. So a message may have an older, shadowed copy in
+an older segment of its writer (never another writer's): recovery takes the
+newest copy, counts a done line in any of the writer's journals, and takes
+the state beside the newest copy (or below it). A segment holding newer
+copies is deleted only after the segments with the older ones.
+
 Ownership (several workers, SPEC §9): each worker process owns a set of
 writers, proven by holding the flock on `log/<writer>.lock`, and with them
 every message in their segments: only the owner journals, delivers or
@@ -54,8 +66,9 @@ whose lock nobody holds (its worker died, or finished after a reload) and
 loads those segments too. The kernel drops a dead process's flocks, so a
 killed worker's messages are picked up by the next look of a live worker.
 
-Must not: speak SMTP, build paths from client input (ids are ours), or block
-the hub on a write of many bytes or on a sync.
+Must not: speak SMTP, build paths from client input (ids are ours), block
+the hub on a write of many bytes or on a sync, or move a message to another
+writer's segments.
 """
 
 from __future__ import annotations
@@ -73,6 +86,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import gevent
 from gevent.event import AsyncResult, Event
@@ -87,7 +101,13 @@ HEADER_CRC_SPAN = HEADER.size - 8  # everything before the two CRCs
 MESSAGE = ord("M")
 FILE_MODE = 0o600
 DIR_MODE = 0o700
-SEGMENT_MAX = 64 * 1024 * 1024  # rotate after this many bytes
+# Rotate after this many bytes. HEDWIG_TEST_SEGMENT_MAX is for tests only (an
+# integration test makes segments small to watch compaction); never set it in production.
+SEGMENT_MAX = int(os.environ.get("HEDWIG_TEST_SEGMENT_MAX") or 64 * 1024 * 1024)
+# A segment of our own writer is compacted (its queued messages copied forward so
+# it can go) once at least half of it, and at least this much, is dead.
+COMPACT_MIN_DEAD = min(1024 * 1024, SEGMENT_MAX // 4)
+COMPACT_BATCH = 4 * 1024 * 1024  # bytes copied per committer batch by compaction
 SPILL_AT = 256 * 1024  # messages larger than this are received into tmp/
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _SEGMENT_NAME = re.compile(r"([a-z0-9]+)-([0-9a-f]{16})\.seg\Z")
@@ -382,6 +402,21 @@ class MessageWriter:
                 pass
 
 
+def _batches(entries: list[QueueEntry], limit: int) -> Iterator[list[QueueEntry]]:
+    """Consecutive runs of entries whose records add up to at most `limit` bytes (at least one each)."""
+    chunk: list[QueueEntry] = []
+    span = 0
+    for entry in entries:
+        size = entry.loc.end - entry.loc.offset
+        if chunk and span + size > limit:
+            yield chunk
+            chunk, span = [], 0
+        chunk.append(entry)
+        span += size
+    if chunk:
+        yield chunk
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -400,11 +435,16 @@ class QueueEntry:
     bounced: tuple[tuple[str, int, str], ...] = ()  # (recipient, code, text) refused so far
     last_error: str = ""
     domains: tuple[str, ...] = ()  # destination domains still pending, once known (not journalled)
+    outcome: str = ""  # set by finish(): it is leaving the queue, compaction leaves it where it is
 
     def state_line(self) -> bytes:
         state = {"attempts": self.attempts, "due": self.due, "pending": self.pending,
                  "bounced": self.bounced, "error": self.last_error}
         return _journal_line({"id": self.msg_id, "s": state})
+
+    def stateful(self) -> bool:
+        """Has it anything to journal? (A message never attempted has no state line.)"""
+        return bool(self.attempts or self.due or self.pending is not None or self.bounced or self.last_error)
 
 
 DONE_OUTCOMES = ("delivered", "bounced", "dropped", "expired", "deleted", "quarantined")
@@ -450,13 +490,24 @@ def load_journal(path: str, *, repair: bool = False) -> tuple[dict[str, dict], d
 
 
 @dataclass(slots=True)
+class _Move:
+    """A queued message for compaction to copy, with what the committer's thread may read of it."""
+
+    entry: QueueEntry  # touched on the hub only
+    loc: Location  # where it is now
+    line: bytes  # its state line for the new journal, b"" if it has none
+
+
+@dataclass(slots=True)
 class _Job:
-    """One thing for the committer: a message to append, or a journal line to add."""
+    """One thing for the committer: a message to append, a journal line to add, or messages to move."""
 
     result: AsyncResult
     writer: MessageWriter | None = None
     journal: str = ""  # journal path for `line`
     line: bytes = b""
+    moves: list[_Move] | None = None
+    moved: Event | None = None  # set once the moves are applied (or failed): see Spool._settle
 
 
 class Spool:
@@ -486,6 +537,14 @@ class Spool:
         self._journal_fds: dict[str, int] = {}
         self._reclaim: list[str] = []  # segments with nothing queued, to delete
         self._retired: list[str] = []  # segments the writer moved on from (set in the thread)
+        self._live_bytes: dict[str, int] = {}  # segment path -> bytes of its queued records
+        # Compaction (see compact()): a segment holding a message's newer copy -> the
+        # older segments still holding older copies; it is deleted only after them.
+        self._shadows: dict[str, set[str]] = {}
+        self._blocked: set[str] = set()  # idle segments waiting for their shadows to go
+        self._moving: dict[str, Event] = {}  # msg_id -> set when its move is applied or failed
+        self._compacted: set[str] = set()  # segments compaction is done with (what stays is unmovable)
+        self._keep_segments = False  # a move's sync failed: delete nothing until restart
 
     # -- setup -----------------------------------------------------------------
 
@@ -541,26 +600,50 @@ class Spool:
         The reading (journals, record headers, a damaged region's copy) runs in
         the threadpool: adopting a dead worker's backlog at run time must not
         stall the sessions on this hub. The entries are made here, on the hub.
+
+        Compaction may have left a message in several of the writer's segments:
+        its record is the copy in the newest one; it is done if any journal
+        says so; its state is the latest line of the newest journal, at or
+        below that copy's segment, that has one (lines above it come from a
+        move whose copy never became whole). Older copies are shadowed: they
+        keep no segment alive, and a segment holding a newer copy is deleted
+        only after the older ones are gone (else an older copy, with no done
+        line beside it, would come back).
         """
-        found = []
-        for seq, path, locs, states, done in offload.run(self._read_writer, writer):
+        segments = offload.run(self._read_writer, writer)
+        done: dict[str, str] = {}
+        newest: dict[str, tuple[int, Location]] = {}
+        holders: dict[str, dict[str, None]] = {}  # msg_id -> segments holding a copy, oldest first
+        for i, (seq, path, locs, _states, outcomes) in enumerate(segments):
             if writer == self.writer:
                 self._seg_seq = max(self._seg_seq, seq)
-            live = 0
+            done.update(outcomes)
             for loc in locs:
-                if loc.kind != MESSAGE or loc.msg_id in done or loc.msg_id in self.entries:
-                    continue
-                entry = QueueEntry(loc.msg_id, loc)
-                state = states.get(loc.msg_id)
-                if state:
-                    _apply_state(entry, state)
-                self.entries[loc.msg_id] = entry
-                found.append(entry)
-                live += 1
-            if live:
-                self._live[path] = live
-            else:
-                self._reclaim.append(path)
+                if loc.kind == MESSAGE:
+                    newest[loc.msg_id] = (i, loc)
+                    holders.setdefault(loc.msg_id, {})[path] = None
+        for paths in holders.values():
+            older = list(paths)
+            for k in range(1, len(older)):
+                self._shadows.setdefault(older[k], set()).update(older[:k])
+        states: dict[str, dict] = {}
+        for i, (_seq, _path, _locs, journalled, _done) in enumerate(segments):
+            for msg_id, state in journalled.items():
+                if msg_id in newest and i <= newest[msg_id][0]:
+                    states[msg_id] = state
+        found = []
+        for msg_id, (_i, loc) in newest.items():
+            if msg_id in done or msg_id in self.entries:
+                continue
+            entry = QueueEntry(msg_id, loc)
+            if states.get(msg_id):
+                _apply_state(entry, states[msg_id])
+            self.entries[msg_id] = entry
+            self._count(loc, 1)
+            found.append(entry)
+        for _seq, path, _locs, _states, _done in segments:
+            if path not in self._live:
+                self._drop(path)
         return found
 
     def close(self) -> None:
@@ -630,21 +713,178 @@ class Spool:
 
     def record_state(self, entry: QueueEntry) -> None:
         """Durably note attempts, due time, pending recipients. Never touches the body."""
+        self._settle(entry)
         self._submit(_Job(AsyncResult(), journal=journal_path(entry.loc.path), line=entry.state_line()))
 
     def finish(self, entry: QueueEntry, outcome: str) -> None:
         """The message leaves the queue (delivered, bounced, ...); its segment may be reclaimed."""
         assert outcome in DONE_OUTCOMES
+        entry.outcome = outcome  # from here on compaction does not move it
         line = _journal_line({"id": entry.msg_id, "done": outcome})
-        self._submit(_Job(AsyncResult(), journal=journal_path(entry.loc.path), line=line))
-        if self.entries.pop(entry.msg_id, None) is None:
+        try:
+            self._settle(entry)
+            self._submit(_Job(AsyncResult(), journal=journal_path(entry.loc.path), line=line))
+        except BaseException:
+            entry.outcome = ""  # still queued (the caller offers it again, or puts it back)
+            raise
+        if self.entries.pop(entry.msg_id, None) is not None:
+            self._count(entry.loc, -1)
+
+    def _settle(self, entry: QueueEntry) -> None:
+        """A message compaction is moving: wait (one batch) until it is at its new place.
+
+        Its journal lines then go to the journal beside its new copy, so the
+        copy the recovery will pick always has them: no line can land in the
+        old journal while the move is in flight and be lost with the old segment.
+        """
+        while (moving := self._moving.get(entry.msg_id)) is not None:
+            moving.wait()
+
+    def _count(self, loc: Location, n: int) -> None:
+        """On the hub: `n` queued messages more (or fewer) in loc's segment; one left empty may go."""
+        path = loc.path
+        self._live_bytes[path] = self._live_bytes.get(path, 0) + n * (loc.end - loc.offset)
+        live = self._live.get(path, 0) + n
+        if live:
+            self._live[path] = live
             return
-        path = entry.loc.path
-        self._live[path] -= 1
-        if self._live[path] == 0 and path != self._seg_path:
-            del self._live[path]
-            self._reclaim.append(path)
-            self._wakeup.set()
+        self._live.pop(path, None)
+        self._live_bytes.pop(path, None)
+        if path != self._seg_path:
+            self._drop(path)
+
+    def _drop(self, path: str) -> None:
+        """On the hub: nothing in `path` is queued and nothing is appended to it: delete it.
+
+        Not while an older segment still holds an older copy of one of its
+        messages (compaction): that copy would be queued again at the next start,
+        its done line gone with this segment. Then it waits for them (_gone).
+        """
+        if self._keep_segments:
+            return
+        if self._shadows.get(path):
+            self._blocked.add(path)
+            return
+        self._shadows.pop(path, None)
+        self._reclaim.append(path)
+        self._wakeup.set()
+
+    def _gone(self, deleted: list[str]) -> None:
+        """On the hub: these segments are deleted; segments that waited for them may go now."""
+        for path in deleted:
+            for newer, older in list(self._shadows.items()):
+                older.discard(path)
+                if not older and newer in self._blocked:
+                    self._blocked.discard(newer)
+                    self._drop(newer)
+
+    # -- compaction ---------------------------------------------------------------
+
+    def compact(self) -> bool:
+        """Copy the queued messages out of one mostly dead segment of our own writer, so it can go.
+
+        SPEC §4, disk use follows the live backlog: one message deferred for
+        hours would otherwise keep its whole segment. Picks the segment of
+        `self.writer` (not the one being appended to; adopted writers' are
+        left alone, so every copy of a message stays within one writer) with
+        the most dead bytes, if at least half of it and COMPACT_MIN_DEAD are
+        dead. Its queued records are copied byte for byte to the current
+        segment through the committer (COMPACT_BATCH bytes a batch, synced with
+        everything else), each with its state line in the new journal; then
+        the entries point at the copies and the old segment goes like any
+        other once nothing in it is queued. A record that fails its checksum
+        stays where it is (delivery quarantines it). A crash at any moment is
+        safe: recovery takes a message's newest copy, and a done line in any
+        journal (see _load).
+
+        Runs on the hub in a greenlet of its own and waits for the batches;
+        returns whether a segment was compacted (the caller may call again).
+        """
+        if not self.healthy or self._committer is None:
+            return False
+        self._compacted &= self._live.keys()
+        picked = self._pick_compaction()
+        if picked is None:
+            return False
+        path, size = picked
+        self._compacted.add(path)
+        queued = sorted((e for e in self.entries.values() if e.loc.path == path), key=lambda e: e.loc.offset)
+        moved = copied = 0
+        for chunk in _batches(queued, COMPACT_BATCH):
+            # Those finished (or finishing) meanwhile stay: their done line goes beside the old copy.
+            moves = [_Move(e, e.loc, e.state_line() if e.stateful() else b"") for e in chunk
+                     if self.entries.get(e.msg_id) is e and not e.outcome and e.loc.path == path]
+            if not moves:
+                continue
+            if self._committer is None:  # closed meanwhile
+                return False
+            try:
+                new = self._move(moves)
+            except SpoolError as exc:
+                self._compacted.discard(path)  # try again later
+                log.warning("compaction of segment %s stopped: %s", os.path.basename(path), exc)
+                return False
+            moved += sum(1 for loc in new if loc is not None)
+            copied += sum(loc.end - loc.offset for loc in new if loc is not None)
+        freed = size - copied if path not in self._live else 0
+        log.info("compacted segment %s: %d messages moved (%d bytes), %d bytes freed%s",
+                 os.path.basename(path), moved, copied, freed,
+                 "" if freed else "; it stays while damaged or finishing messages are in it")
+        return True
+
+    def _pick_compaction(self) -> tuple[str, int] | None:
+        """(path, size) of our own segment with the most dead bytes, if worth compacting."""
+        best: tuple[str, int] | None = None
+        best_dead = 0
+        prefix = os.path.join(self.log_dir, self.writer + "-")
+        for path, live in self._live_bytes.items():
+            if not path.startswith(prefix) or path == self._seg_path or path in self._compacted:
+                continue
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                continue
+            dead = size - live
+            if dead >= COMPACT_MIN_DEAD and 2 * dead >= size and dead > best_dead:
+                best, best_dead = (path, size), dead
+        return best
+
+    def _move(self, moves: list[_Move]) -> list[Location | None]:
+        """One committer batch copies these records forward; the new places (None: not moved)."""
+        moved = Event()
+        for move in moves:
+            self._moving[move.entry.msg_id] = moved
+        return cast("list[Location | None]", self._submit(_Job(AsyncResult(), moves=moves, moved=moved)))
+
+    def _end_moves(self, job: _Job) -> None:
+        """On the hub: the messages of this move job may be journalled again."""
+        assert job.moves is not None and job.moved is not None
+        for move in job.moves:
+            if self._moving.get(move.entry.msg_id) is job.moved:
+                del self._moving[move.entry.msg_id]
+        job.moved.set()
+
+    def _apply_moves(self, job: _Job, new: list[Location | None]) -> None:
+        """On the hub, after the batch that made the copies durable: entries point at them."""
+        assert job.moves is not None
+        for move, loc in zip(job.moves, new):
+            if loc is None:
+                continue  # failed its checksum: left where it is
+            self._shadows.setdefault(loc.path, set()).add(move.loc.path)
+            entry = move.entry
+            if self.entries.get(entry.msg_id) is entry and entry.loc == move.loc:
+                entry.loc = loc
+                self._count(loc, 1)
+                self._count(move.loc, -1)
+            elif entry.outcome:
+                # Not expected (finish() waits for a move before it journals), but
+                # should it happen the done line went to the old journal: say it
+                # beside the new copy too, or that copy could outlive it.
+                log.error("msg_id=%s finished while being moved; its done line is repeated", entry.msg_id)
+                line = _journal_line({"id": entry.msg_id, "done": entry.outcome})
+                self._pending.append(_Job(AsyncResult(), journal=journal_path(loc.path), line=line))
+                self._wakeup.set()
+        self._end_moves(job)
 
     def write_bounced(self, entry: QueueEntry, body: bytes, reasons: str) -> str:
         """Keep a bounced message as readable files: bounced/<hh>/<id>.eml and .reason."""
@@ -677,6 +917,7 @@ class Spool:
         It can never be delivered as it is; keeping it in the queue would retry it
         forever and pin its segment.
         """
+        self._settle(entry)
         path = offload.run(self._write_quarantine, entry.loc, reason)
         self.finish(entry, "quarantined")
         return path
@@ -744,11 +985,12 @@ class Spool:
 
     # -- the committer -------------------------------------------------------------
 
-    def _submit(self, job: _Job) -> None:
+    def _submit(self, job: _Job) -> object:
+        """Hand a job to the committer and wait until it is durable; its result (see _write_batch)."""
         self._pending.append(job)
         self._wakeup.set()
         try:
-            job.result.get()
+            return job.result.get()
         except BaseException:
             # Killed while waiting (shutdown): if the committer has not taken the
             # job yet, withdraw it; otherwise the committer owns the writer
@@ -757,6 +999,8 @@ class Spool:
                 self._pending.remove(job)
                 if job.writer is not None:
                     job.writer.abort()
+                if job.moves is not None:
+                    self._end_moves(job)
             raise
 
     def _run_committer(self) -> None:
@@ -769,18 +1013,25 @@ class Spool:
                 continue
             self._busy = True
             try:
-                big = any(j.writer is not None and j.writer.spill_fd >= 0 for j in batch)
+                big = any(j.moves or (j.writer is not None and j.writer.spill_fd >= 0) for j in batch)
                 if self.fsync or big or reclaim:
-                    locations = offload.run(self._write_batch, batch, reclaim)
+                    results, deleted = offload.run(self._write_batch, batch, reclaim)
                 else:  # a few small writes to the page cache: cheaper than a thread hop
-                    locations = self._write_batch(batch, reclaim)
+                    results, deleted = self._write_batch(batch, reclaim)
             except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
                 if isinstance(exc, SyncFailed):
                     log.error("spool sync failed, refusing new mail until restart: %s", exc)
                     self.healthy = False
+                    if any(j.moves for j in batch):
+                        # Copies the hub knows nothing of may be on disk; deleting an
+                        # old segment could leave one without its done line. Recovery
+                        # at the next start sorts them out (newest copy, any done line).
+                        self._keep_segments = True
                 else:
                     log.error("spool write failed for %d jobs: %s", len(batch), exc)
                 for job in batch:
+                    if job.moves is not None:
+                        self._end_moves(job)
                     job.result.set_exception(SpoolError(str(exc)))
                 self._reclaim[:0] = reclaim  # not deleted yet: the next batch tries again
                 continue
@@ -789,11 +1040,15 @@ class Spool:
                 for job in batch:
                     if job.writer is not None:
                         job.writer.abort()  # frees memory and the spill file; the record is in the log
-            for job, loc in zip(batch, locations):
-                if job.writer is not None and loc is not None:
-                    self.entries[job.writer.msg_id] = QueueEntry(job.writer.msg_id, loc)
-                    self._live[loc.path] = self._live.get(loc.path, 0) + 1
-                job.result.set(None)
+            for job, result in zip(batch, results):
+                if job.writer is not None and isinstance(result, Location):
+                    self.entries[job.writer.msg_id] = QueueEntry(job.writer.msg_id, result)
+                    self._count(result, 1)
+                elif job.moves is not None and isinstance(result, list):
+                    self._apply_moves(job, result)
+                job.result.set(result)
+            self._reclaim[:0] = [path for path in reclaim if path not in deleted]
+            self._gone(deleted)
             self._reclaim_retired()
 
     def _reclaim_retired(self) -> None:
@@ -807,8 +1062,7 @@ class Spool:
         for path in retired:
             if self._live.get(path, 0) == 0:
                 self._live.pop(path, None)
-                self._reclaim.append(path)
-                self._wakeup.set()
+                self._drop(path)
 
     def _new_segment(self) -> None:
         if self._seg_fd >= 0:
@@ -827,12 +1081,19 @@ class Spool:
     def _journal_fd(self, path: str) -> int:
         fd = self._journal_fds.get(path)
         if fd is None:
+            created = not os.path.exists(path)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
             self._journal_fds[path] = fd
+            if created and self.fsync:
+                _fsync_dir(self.log_dir)  # its lines (done marks) must not vanish with its name
         return fd
 
-    def _write_batch(self, batch: list[_Job], reclaim: list[str]) -> list[Location | None]:
-        """In a native thread: append records and journal lines, then one sync per file.
+    def _write_batch(self, batch: list[_Job], reclaim: list[str]) -> tuple[list[object], list[str]]:
+        """In a native thread: append records, moved copies and journal lines, then one sync per file.
+
+        Returns each job's result (a commit: its Location; a move job: the new
+        Location of each record, None for one left behind; else None) and the
+        segments of `reclaim` it deleted, after the sync.
 
         A failed append (e.g. ENOSPC) is undone: the segment is cut back to where
         the batch began, so no torn record sits before later ones, and every
@@ -842,8 +1103,11 @@ class Spool:
         undo that fails, raises SyncFailed and the spool stops accepting.
         """
         writers = [j.writer for j in batch if j.writer is not None]
+        movers = [j for j in batch if j.moves is not None]
         records: list[Location] = []
-        if writers and (self._seg_fd < 0 or self._seg_size >= SEGMENT_MAX):
+        moved: list[list[Location | None]] = []
+        appending = bool(writers or movers)
+        if appending and (self._seg_fd < 0 or self._seg_size >= SEGMENT_MAX):
             self._new_segment()
         start = self._seg_size
         lines: dict[str, list[bytes]] = {}
@@ -854,13 +1118,19 @@ class Spool:
         try:
             if writers:
                 records = self._write_records(writers)
+            for job in movers:
+                assert job.moves is not None
+                moved.append(self._copy_records(job.moves))
+                for move, loc in zip(job.moves, moved[-1]):
+                    if loc is not None and move.line:
+                        lines.setdefault(journal_path(loc.path), []).append(move.line)
             for path, chunk in lines.items():
                 fd = self._journal_fd(path)
                 sizes[fd] = os.fstat(fd).st_size
                 _write_all(fd, b"".join(chunk))
         except OSError:
             try:
-                if writers:
+                if appending:
                     os.ftruncate(self._seg_fd, start)
                     os.lseek(self._seg_fd, start, os.SEEK_SET)
                     self._seg_size = start
@@ -871,16 +1141,68 @@ class Spool:
             raise
         if self.fsync:
             try:
-                if writers:
+                if appending:
                     os.fdatasync(self._seg_fd)
                 for path in lines:
                     os.fdatasync(self._journal_fds[path])
             except OSError as exc:
                 raise SyncFailed(str(exc)) from exc
+        deleted = []
         for path in reclaim:
-            self._delete_segment(path)
-        it = iter(records)
-        return [next(it) if j.writer is not None else None for j in batch]
+            try:
+                self._delete_segment(path)
+                deleted.append(path)
+            except OSError as exc:  # the records of this batch are durable: they must not fail
+                log.error("cannot delete segment %s (tried again later): %s", os.path.basename(path), exc)
+        if deleted and self.fsync:
+            # Gone for good before a segment holding newer copies of their messages goes (_drop).
+            _fsync_dir(self.log_dir)
+        records_of, moved_of = iter(records), iter(moved)
+        results: list[object] = []
+        for job in batch:
+            if job.writer is not None:
+                results.append(next(records_of))
+            else:
+                results.append(next(moved_of) if job.moves is not None else None)
+        return results, deleted
+
+    def _copy_records(self, moves: list[_Move]) -> list[Location | None]:
+        """In the thread: copy whole records (header and payload, verbatim) to the end of the segment.
+
+        A header names no place, so the bytes are valid anywhere. A record whose
+        payload fails its checksum, or cannot be read, is not copied (None).
+        """
+        out: list[Location | None] = []
+        for move in moves:
+            loc = move.loc
+            try:
+                src = os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                log.error("msg_id=%s not moved: %s", loc.msg_id, exc)
+                out.append(None)
+                continue
+            try:
+                try:
+                    whole = _payload_ok(src, loc)
+                except OSError as exc:
+                    log.error("msg_id=%s not moved: %s", loc.msg_id, exc)
+                    whole = False
+                if not whole:
+                    log.warning("msg_id=%s fails its checksum: not moved (delivery quarantines it)", loc.msg_id)
+                    out.append(None)
+                    continue
+                size, copied = loc.end - loc.offset, 0
+                while copied < size:
+                    n = os.copy_file_range(src, self._seg_fd, size - copied, loc.offset + copied)
+                    if n <= 0:
+                        raise OSError(f"short copy of {loc.msg_id}")
+                    copied += n
+            finally:
+                os.close(src)
+            out.append(Location(self._seg_path, self._seg_size, loc.kind, loc.msg_id,
+                                loc.meta_len, loc.body_len, loc.payload_crc))
+            self._seg_size += size
+        return out
 
     def _write_records(self, writers: list[MessageWriter]) -> list[Location]:
         locations = []
@@ -924,7 +1246,15 @@ class Spool:
 
     def read(self, msg_id: str) -> tuple[Envelope, bytes]:
         """Envelope and message bytes, after the checksum. Raises KeyError, DamagedMessage."""
-        meta, body = read_payload(self.entries[msg_id].loc)
+        loc = self.entries[msg_id].loc
+        try:
+            meta, body = read_payload(loc)
+        except FileNotFoundError:
+            # Compaction moved it and its old segment went in between: read the copy.
+            again = self.entries[msg_id].loc
+            if again == loc:
+                raise
+            meta, body = read_payload(again)
         return Envelope.from_json(meta), body
 
     def read_envelope(self, msg_id: str) -> Envelope:

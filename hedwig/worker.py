@@ -14,7 +14,8 @@ process's life:
 Every TICK it tells the master it lives (one status byte on the heartbeat
 pipe: S starting, R ready, F spool full, U spool unhealthy, D stopping), adopts
 the spool writers of workers that died (spool.py, "Ownership") and sets the
-queue depth gauge. Messages found in the spool at start, adopted later and
+queue depth gauge; now and then it compacts its own writer's segments
+(spool.py, "Compaction"). Messages found in the spool at start, adopted later and
 accepted since go onto the scheduler that delivery consumes.
 
 Must not: parse SMTP, decide policy, or fork.
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE = 8.0  # seconds for sessions mid-message once SIGTERM arrived
 RETIRE_LIMIT = 600.0  # seconds a retired worker's open sessions may still run
 TICK = 1.0  # seconds between heartbeats (and looks for orphaned writers)
+COMPACT_EVERY = 10.0  # seconds between looks for segments worth compacting (spool.compact)
 
 
 class StartupError(Exception):
@@ -106,6 +108,7 @@ class Worker:
         self.control = Control(self.spool, self.scheduler)  # `hedwig queue retry|delete`
         self._feeder: gevent.Greenlet | None = None
         self._tender: gevent.Greenlet | None = None
+        self._compactor: gevent.Greenlet | None = None
         self._sockets = sockets
         self._heartbeat_fd = heartbeat_fd
         self._master_pid = os.getppid()
@@ -161,7 +164,12 @@ class Worker:
                 self.scheduler.add(entry)
 
     def _tend(self) -> None:
-        """Every TICK: heartbeat, adopt orphaned writers, queue depth; leave if the master died."""
+        """Every TICK: heartbeat, adopt orphaned writers, queue depth; leave if the master died.
+
+        Every COMPACT_EVERY it starts a compaction of the spool in a greenlet of
+        its own (unless one still runs): copying never holds up the heartbeat.
+        """
+        compacted = time.monotonic()
         while True:
             if os.getppid() != self._master_pid:
                 log.error("the master is gone: stopping")
@@ -174,7 +182,15 @@ class Worker:
                 self._status = b"U" if not self.spool.healthy else b"R" if self.spool.has_room() else b"F"
             self._beat()
             metrics.queue_depth.set(len(self.spool.entries))
+            if time.monotonic() - compacted >= COMPACT_EVERY and (self._compactor is None or self._compactor.dead):
+                compacted = time.monotonic()
+                self._compactor = gevent.spawn(self._compact)
             gevent.sleep(TICK)
+
+    def _compact(self) -> None:
+        """Compact one segment after another until none is worth it (spool.compact)."""
+        while self.spool.compact():
+            pass
 
     def _beat(self) -> None:
         if self._heartbeat_fd < 0:
@@ -223,9 +239,9 @@ class Worker:
         if not self.pool.join(timeout=grace):
             log.warning("grace period over: closing %d sessions", len(self.pool))
             self.pool.kill(timeout=1)
-        for greenlet in (self._feeder, self._tender):
+        for greenlet in (self._feeder, self._tender, self._compactor):
             if greenlet is not None:
-                greenlet.kill()
+                greenlet.kill()  # a move the committer has taken is still finished and applied
         self.control.stop()
         self.delivery.stop(max(deadline - time.monotonic(), 0.5))
         self.transport.close()

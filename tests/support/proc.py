@@ -456,9 +456,17 @@ class SpoolSnapshot:
 
 
 def read_spool(spool: Path | str) -> SpoolSnapshot:
-    """Every queued message, each record checked against its checksums."""
+    """Every queued message, each record checked against its checksums.
+
+    Compaction copies a queued message forward into a newer segment of the
+    same writer; until the old segment goes, the older copy is shadowed: a
+    writer's message is its copy in its newest segment. Copies in two
+    writers' segments both count (the server never makes them).
+    """
     snap = SpoolSnapshot()
+    newest: dict[tuple[str, str], tuple[dict[str, Any], bytes]] = {}
     for path in segment_files(spool):
+        writer = SEGMENT_NAME.match(path.name)[1]  # type: ignore[index]
         records, torn = read_segment(path)
         if torn:
             snap.torn_tails[path.name] = torn
@@ -468,7 +476,9 @@ def read_spool(spool: Path | str) -> SpoolSnapshot:
             envelope = json.loads(rec.meta)
             if envelope.get("msg_id") != rec.msg_id:
                 raise DamagedFile(f"{path}@{rec.offset}: envelope id {envelope.get('msg_id')!r} != {rec.msg_id}")
-            snap.messages.setdefault(rec.msg_id, []).append((envelope, rec.body))
+            newest[(writer, rec.msg_id)] = (envelope, rec.body)
+    for (_writer, msg_id), copy in newest.items():
+        snap.messages.setdefault(msg_id, []).append(copy)
     return snap
 
 
@@ -500,8 +510,10 @@ def spool_modes(spool: Path | str) -> tuple[dict[str, int], dict[str, int]]:
 # Beside each segment, log/<writer>-<seq>.state is its delivery journal (ARCHITECTURE.md):
 # JSON lines, appended, a crash may tear the last one. {"id": ID, "s": {"attempts": N,
 # "due": epoch, "pending": [...] | null, "bounced": [[rcpt, code, text], ...], "error": "..."}}
-# records a deferral (the latest line wins); {"id": ID, "done": OUTCOME} says the message
-# left the queue (delivered, bounced, dropped, expired, deleted). Bounced mail is kept
+# records a deferral (the latest line wins, journals read oldest segment first, so a
+# state line a compaction copied into a newer segment's journal wins over the old one);
+# {"id": ID, "done": OUTCOME} in any journal says the message left the queue (delivered,
+# bounced, dropped, expired, deleted). Bounced mail is kept
 # as bounced/<last two id characters, lower-case>/<id>.eml (the message as stored) and
 # <id>.reason (text).
 
