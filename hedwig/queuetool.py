@@ -50,6 +50,8 @@ from .spool import (
     iter_records,
     journal_path,
     list_segments,
+    drop_torn_copies,
+    latest_states,
     load_journal,
     read_payload,
     writer_of,
@@ -138,9 +140,8 @@ def _read_writer(paths: list[str], details: bool, only: str | None) -> Iterator[
     """The queued messages of one writer's segments (`paths`, oldest first), by the server's rules.
 
     Compaction may have left older copies of a message in older segments: the
-    newest copy is the message, a done line in any journal ends it, and its
-    state is the latest line of the newest journal at or below that copy's
-    segment (spool.Spool._load).
+    newest whole copy is the message, a done line in any journal ends it, and
+    its state is the highest-versioned line in any journal (spool.Spool._load).
     """
     # Every journal first: if a segment is reclaimed between the two reads, its
     # records are gone too, rather than showing as queued with no done lines.
@@ -148,21 +149,24 @@ def _read_writer(paths: list[str], details: bool, only: str | None) -> Iterator[
     done = {msg_id: outcome for _states, outcomes in journals for msg_id, outcome in outcomes.items()}
     newest: dict[str, tuple[int, Location]] = {}
     fds: dict[str, int] = {}
+    states = latest_states([journalled for journalled, _done in journals])
     try:
-        for i, path in enumerate(paths):
+        segments: list[tuple[str, list[Location]]] = []
+        for path in paths:
             try:
                 fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
-            for loc in iter_records(path):
-                if loc.kind == MESSAGE and (only is None or loc.msg_id == only):
-                    newest[loc.msg_id] = (i, loc)
-        for msg_id, (i, loc) in newest.items():
+            segments.append((path, [loc for loc in iter_records(path)
+                                    if loc.kind == MESSAGE and (only is None or loc.msg_id == only)]))
+        drop_torn_copies(segments)
+        for i, (_path, locs) in enumerate(segments):
+            for loc in locs:
+                newest[loc.msg_id] = (i, loc)
+        for msg_id, (_i, loc) in newest.items():
             if msg_id in done:
                 continue
-            state = next((states[msg_id] for states, _done in reversed(journals[: i + 1]) if msg_id in states),
-                         None)
-            yield _queued(loc, state, _read_envelope(fds[loc.path], loc) if details else None)
+            yield _queued(loc, states.get(msg_id), _read_envelope(fds[loc.path], loc) if details else None)
     finally:
         for fd in fds.values():
             os.close(fd)

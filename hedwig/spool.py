@@ -53,9 +53,10 @@ to the end of the current segment, with their state lines in its journal,
 through the committer like any append; the entries then point at the copies
 and the old segment goes. So a message may have an older, shadowed copy in
 an older segment of its writer (never another writer's): recovery takes the
-newest copy, counts a done line in any of the writer's journals, and takes
-the state beside the newest copy (or below it). A segment holding newer
-copies is deleted only after the segments with the older ones.
+newest copy whose payload checksum holds (drop_torn_copies), counts a done
+line in any of the writer's journals, and takes the highest-versioned state
+line in any of them (latest_states). A segment holding newer copies is
+deleted only after the segments with the older ones.
 
 Ownership (several workers, SPEC §9): each worker process owns a set of
 writers, proven by holding the flock on `log/<writer>.lock`, and with them
@@ -103,7 +104,7 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 # Rotate after this many bytes. HEDWIG_TEST_SEGMENT_MAX is for tests only (an
 # integration test makes segments small to watch compaction); never set it in production.
-SEGMENT_MAX = int(os.environ.get("HEDWIG_TEST_SEGMENT_MAX") or 64 * 1024 * 1024)
+SEGMENT_MAX = max(int(os.environ.get("HEDWIG_TEST_SEGMENT_MAX") or 64 * 1024 * 1024), 16 * 1024)
 # A segment of our own writer is compacted (its queued messages copied forward so
 # it can go) once at least half of it, and at least this much, is dead.
 COMPACT_MIN_DEAD = min(1024 * 1024, SEGMENT_MAX // 4)
@@ -348,6 +349,55 @@ def _apply_state(entry: QueueEntry, state: dict) -> None:
     entry.pending = tuple(pending) if pending is not None else None
     entry.bounced = tuple(tuple(b) for b in state.get("bounced", ()))  # type: ignore[misc]
     entry.last_error = str(state.get("error", ""))
+    entry.version = int(state.get("v", 0))
+
+
+def latest_states(journals: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each message's state across one writer's journals (oldest segment first): the highest version.
+
+    A state line is versioned (QueueEntry.version), so the latest one wins
+    wherever it was written: beside the old copy after a move failed to
+    become durable, or beside the new one. Lines older than versions count as
+    version 0; among equal versions the newer journal's (the same state, copied).
+    """
+    best: dict[str, dict] = {}
+    for states in journals:
+        for msg_id, state in states.items():
+            held = best.get(msg_id)
+            if held is None or int(state.get("v", 0)) >= int(held.get("v", 0)):
+                best[msg_id] = state
+    return best
+
+
+def drop_torn_copies(segments: list[tuple[str, list[Location]]]) -> None:
+    """A message with copies in several segments (compaction): drop newer copies whose payload is not whole.
+
+    After a power loss a moved copy's header may be on disk without all of its
+    body: it must not shadow the whole copy it was made from (which would then
+    be deleted). The newest copy that passes its checksum stands; the oldest
+    is never dropped (delivery checks it, as for any message). Reads only
+    messages with more than one copy, so a normal start reads no body.
+    """
+    copies: dict[str, list[tuple[int, Location]]] = {}
+    for i, (_path, locs) in enumerate(segments):
+        for loc in locs:
+            if loc.kind == MESSAGE:
+                copies.setdefault(loc.msg_id, []).append((i, loc))
+    for found in copies.values():
+        for i, loc in reversed(found[1:]):
+            try:
+                fd = os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    whole = _payload_ok(fd, loc)
+                finally:
+                    os.close(fd)
+            except OSError:
+                whole = False
+            if whole:
+                break
+            log.warning("msg_id=%s: the copy in %s is not whole; an older copy stands",
+                        loc.msg_id, os.path.basename(loc.path))
+            segments[i][1].remove(loc)
 
 
 def _fsync_dir(path: str) -> None:
@@ -436,10 +486,11 @@ class QueueEntry:
     last_error: str = ""
     domains: tuple[str, ...] = ()  # destination domains still pending, once known (not journalled)
     outcome: str = ""  # set by finish(): it is leaving the queue, compaction leaves it where it is
+    version: int = 0  # of its journalled state: +1 per record_state(); the highest line wins at load
 
     def state_line(self) -> bytes:
         state = {"attempts": self.attempts, "due": self.due, "pending": self.pending,
-                 "bounced": self.bounced, "error": self.last_error}
+                 "bounced": self.bounced, "error": self.last_error, "v": self.version}
         return _journal_line({"id": self.msg_id, "s": state})
 
     def stateful(self) -> bool:
@@ -602,13 +653,12 @@ class Spool:
         stall the sessions on this hub. The entries are made here, on the hub.
 
         Compaction may have left a message in several of the writer's segments:
-        its record is the copy in the newest one; it is done if any journal
-        says so; its state is the latest line of the newest journal, at or
-        below that copy's segment, that has one (lines above it come from a
-        move whose copy never became whole). Older copies are shadowed: they
-        keep no segment alive, and a segment holding a newer copy is deleted
-        only after the older ones are gone (else an older copy, with no done
-        line beside it, would come back).
+        its record is the copy in the newest one whose payload is whole
+        (drop_torn_copies, in _read_writer); it is done if any journal says so;
+        its state is the highest-versioned line in any journal (latest_states).
+        Older copies are shadowed: they keep no segment alive, and a segment
+        holding a newer copy is deleted only after the older ones are gone
+        (else an older copy, with no done line beside it, would come back).
         """
         segments = offload.run(self._read_writer, writer)
         done: dict[str, str] = {}
@@ -626,11 +676,7 @@ class Spool:
             older = list(paths)
             for k in range(1, len(older)):
                 self._shadows.setdefault(older[k], set()).update(older[:k])
-        states: dict[str, dict] = {}
-        for i, (_seq, _path, _locs, journalled, _done) in enumerate(segments):
-            for msg_id, state in journalled.items():
-                if msg_id in newest and i <= newest[msg_id][0]:
-                    states[msg_id] = state
+        states = latest_states([journalled for _seq, _path, _locs, journalled, _done in segments])
         found = []
         for msg_id, (_i, loc) in newest.items():
             if msg_id in done or msg_id in self.entries:
@@ -714,6 +760,7 @@ class Spool:
     def record_state(self, entry: QueueEntry) -> None:
         """Durably note attempts, due time, pending recipients. Never touches the body."""
         self._settle(entry)
+        entry.version += 1
         self._submit(_Job(AsyncResult(), journal=journal_path(entry.loc.path), line=entry.state_line()))
 
     def finish(self, entry: QueueEntry, outcome: str) -> None:
@@ -794,14 +841,14 @@ class Spool:
         the entries point at the copies and the old segment goes like any
         other once nothing in it is queued. A record that fails its checksum
         stays where it is (delivery quarantines it). A crash at any moment is
-        safe: recovery takes a message's newest copy, and a done line in any
+        safe: recovery takes a message's newest whole copy, and a done line in any
         journal (see _load).
 
         Runs on the hub in a greenlet of its own and waits for the batches;
         returns whether a segment was compacted (the caller may call again).
         """
-        if not self.healthy or self._committer is None:
-            return False
+        if not self.healthy or self._committer is None or not self.has_room():
+            return False  # copying first needs room: not while the disk is at its reserve
         self._compacted &= self._live.keys()
         picked = self._pick_compaction()
         if picked is None:
@@ -941,6 +988,7 @@ class Spool:
                 states, done = load_journal(journal_path(path), repair=True)
                 damage = lambda start, end, path=path: self._keep_damage(path, start, end)  # noqa: E731
                 out.append((seq, path, list(iter_records(path, on_damage=damage)), states, done))
+        drop_torn_copies([(path, locs) for _seq, path, locs, _states, _done in out])
         return out
 
     def _keep_damage(self, segment: str, start: int, end: int) -> None:
@@ -1025,7 +1073,8 @@ class Spool:
                     if any(j.moves for j in batch):
                         # Copies the hub knows nothing of may be on disk; deleting an
                         # old segment could leave one without its done line. Recovery
-                        # at the next start sorts them out (newest copy, any done line).
+                        # at the next start sorts them out (newest whole copy, any done
+                        # line, the highest-versioned state).
                         self._keep_segments = True
                 else:
                     log.error("spool write failed for %d jobs: %s", len(batch), exc)
@@ -1156,7 +1205,14 @@ class Spool:
                 log.error("cannot delete segment %s (tried again later): %s", os.path.basename(path), exc)
         if deleted and self.fsync:
             # Gone for good before a segment holding newer copies of their messages goes (_drop).
-            _fsync_dir(self.log_dir)
+            try:
+                _fsync_dir(self.log_dir)
+            except OSError as exc:
+                # The batch itself is durable: do not fail it. The deletions might not
+                # outlast a power loss, so delete nothing more until a restart has
+                # looked again (a segment with newer copies must never go first).
+                self._keep_segments = True
+                log.error("log directory sync failed after deleting segments; keeping all from now on: %s", exc)
         records_of, moved_of = iter(records), iter(moved)
         results: list[object] = []
         for job in batch:

@@ -226,14 +226,18 @@ def test_a_copy_torn_by_a_crash_leaves_the_old_copy_and_its_journal_in_charge(tm
         kept, _ids = backlog(s)
         shutil.copytree(os.path.join(base, "log"), saved)
         compact_all(s)
-        newest = max(kept, key=lambda m: s.entries[m].loc.offset if s.entries[m].loc.path == s._seg_path else -1)
+        with_state = kept[::2]  # backlog() journalled a state (version 1) for these
+        newest = max(with_state,
+                     key=lambda m: s.entries[m].loc.offset if s.entries[m].loc.path == s._seg_path else -1)
         victim = s.entries[newest]
     finally:
         s.close()
     old_name = next(n for n in os.listdir(saved) if n.endswith(".seg") and newest.encode() in (saved / n).read_bytes())
     old_path = os.path.join(base, "log", old_name)
     assert old_path != victim.loc.path
-    with open(sp.journal_path(victim.loc.path), "ab") as f:  # the move's line for it, durable
+    # A line in the new journal that is older than the old journal's (version 0 < 1):
+    # what a move left there if its copy never became whole and the message went on.
+    with open(sp.journal_path(victim.loc.path), "ab") as f:
         f.write(b'{"id":"%s","s":{"attempts":1,"due":5.0,"pending":null,"bounced":[],"error":"stale"}}\n'
                 % newest.encode())
     os.truncate(victim.loc.path, victim.loc.offset + 60)  # its copy torn
@@ -382,3 +386,69 @@ def test_what_is_not_compacted(tmp_path):
         assert owner.writer == "w0" and owner.compact() is True
     finally:
         owner.close()
+
+
+def test_a_copy_whose_body_did_not_reach_the_disk_never_shadows_the_whole_one(tmp_path):
+    """Power loss in a move: the copy's header page is on disk, part of its body is not.
+    The older, whole copy stays the message (and its segment stays); nothing is lost."""
+    base = str(tmp_path / "spool")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    s = open_spool(base)
+    try:
+        ids = [accept(s, n) for n in range(30)]
+        x = ids[0]
+        for m in ids[1:]:
+            s.finish(s.entries[m], "delivered")
+        old = s.entries[x].loc.path
+        shutil.copy2(old, saved)
+        compact_all(s)
+        new = s.entries[x].loc
+        assert new.path != old
+        wait_until(lambda: not os.path.exists(old), "the old segment deleted")
+    finally:
+        s.close()
+    shutil.copy2(saved / os.path.basename(old), old)  # the deletion never reached the disk either
+    with open(new.path, "r+b") as f:  # a page of the copy's body: zeros
+        f.seek(new.offset + sp.HEADER.size + new.meta_len + 100)
+        f.write(b"\0" * 500)
+    again = open_spool(base)
+    try:
+        assert again.entries[x].loc.path == old
+        assert again.read(x)[1] == body(0)
+        assert queuetool.find(base, x).loc.path == old
+        gevent.sleep(0.2)
+        assert os.path.exists(old)
+    finally:
+        again.close()
+
+
+def test_the_highest_versioned_state_wins_wherever_it_was_journalled(tmp_path):
+    """A move's state line in a newer journal (its copy lost) must not beat a later
+    state journalled beside the old copy: state lines carry a version."""
+    base = str(tmp_path / "spool")
+    s = open_spool(base)
+    try:
+        kept, _ids = backlog(s)
+        x = kept[0]
+        entry = s.entries[x]
+        entry.attempts, entry.last_error = 5, "451 the latest"
+        s.record_state(entry)
+        assert entry.version == 2
+        old = entry.loc.path
+    finally:
+        s.close()
+    # A newer segment's journal holding an older line for x (version 1), as a move whose
+    # copy never became whole would leave it.
+    newer = max(segments(base))
+    with open(sp.journal_path(newer), "ab") as f:
+        f.write(b'{"id":"%s","s":{"attempts":1,"due":0,"pending":null,"bounced":[],"error":"old","v":1}}\n'
+                % x.encode())
+    again = open_spool(base)
+    try:
+        assert again.entries[x].loc.path == old
+        assert (again.entries[x].attempts, again.entries[x].last_error, again.entries[x].version) == \
+            (5, "451 the latest", 2)
+    finally:
+        again.close()
+    assert tool_view(base)[x][:2] == (5, "451 the latest")
