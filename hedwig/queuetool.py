@@ -344,7 +344,8 @@ def retry_offline(base_path: str, msg_id: str | None, fsync: bool) -> control.An
             continue  # due already
         assert msg.loc is not None
         lines.setdefault(journal_path(msg.loc.path), []).append(
-            {"id": msg.msg_id, "s": {**msg.state_line, "due": now}})
+            # A new version: it must beat every line of the old state, wherever it is.
+            {"id": msg.msg_id, "s": {**msg.state_line, "due": now, "v": int(msg.state_line.get("v", 0)) + 1}})
     _append_lines(base_path, lines, fsync)
     count = sum(len(v) for v in lines.values())
     if msg_id is None:

@@ -369,7 +369,7 @@ def latest_states(journals: list[dict[str, dict]]) -> dict[str, dict]:
     return best
 
 
-def drop_torn_copies(segments: list[tuple[str, list[Location]]]) -> None:
+def drop_torn_copies(segments: list[tuple[str, list[Location]]]) -> list[Location]:
     """A message with copies in several segments (compaction): drop newer copies whose payload is not whole.
 
     After a power loss a moved copy's header may be on disk without all of its
@@ -377,7 +377,9 @@ def drop_torn_copies(segments: list[tuple[str, list[Location]]]) -> None:
     be deleted). The newest copy that passes its checksum stands; the oldest
     is never dropped (delivery checks it, as for any message). Reads only
     messages with more than one copy, so a normal start reads no body.
+    Returns the dropped copies.
     """
+    dropped: list[Location] = []
     copies: dict[str, list[tuple[int, Location]]] = {}
     for i, (_path, locs) in enumerate(segments):
         for loc in locs:
@@ -398,6 +400,8 @@ def drop_torn_copies(segments: list[tuple[str, list[Location]]]) -> None:
             log.warning("msg_id=%s: the copy in %s is not whole; an older copy stands",
                         loc.msg_id, os.path.basename(loc.path))
             segments[i][1].remove(loc)
+            dropped.append(loc)
+    return dropped
 
 
 def _fsync_dir(path: str) -> None:
@@ -660,7 +664,7 @@ class Spool:
         holding a newer copy is deleted only after the older ones are gone
         (else an older copy, with no done line beside it, would come back).
         """
-        segments = offload.run(self._read_writer, writer)
+        segments, torn = offload.run(self._read_writer, writer)
         done: dict[str, str] = {}
         newest: dict[str, tuple[int, Location]] = {}
         holders: dict[str, dict[str, None]] = {}  # msg_id -> segments holding a copy, oldest first
@@ -676,6 +680,14 @@ class Spool:
             older = list(paths)
             for k in range(1, len(older)):
                 self._shadows.setdefault(older[k], set()).update(older[:k])
+        for loc in torn:
+            # A torn copy outlives the whole one it failed to replace only if the
+            # whole one's segment waits for it: else, once that segment goes (with
+            # the message's done line), the torn copy would be its only copy at the
+            # next start. Skipped if it would make two segments wait for each other.
+            chosen = newest[loc.msg_id][1].path
+            if chosen != loc.path and chosen not in self._shadows.get(loc.path, ()):
+                self._shadows.setdefault(chosen, set()).add(loc.path)
         states = latest_states([journalled for _seq, _path, _locs, journalled, _done in segments])
         found = []
         for msg_id, (_i, loc) in newest.items():
@@ -847,8 +859,10 @@ class Spool:
         Runs on the hub in a greenlet of its own and waits for the batches;
         returns whether a segment was compacted (the caller may call again).
         """
-        if not self.healthy or self._committer is None or not self.has_room():
-            return False  # copying first needs room: not while the disk is at its reserve
+        if not self.healthy or self._committer is None or self._keep_segments or not self.has_room():
+            # Copying first needs room (not at the disk reserve), and is pointless
+            # while no segment may be deleted (until a restart).
+            return False
         self._compacted &= self._live.keys()
         picked = self._pick_compaction()
         if picked is None:
@@ -980,16 +994,18 @@ class Spool:
             _fsync_dir(self.quarantine_dir)
         return target
 
-    def _read_writer(self, writer: str) -> list[tuple[int, str, list[Location], dict[str, dict], dict[str, str]]]:
-        """In a native thread: (seq, path, record headers, states, outcomes) of each of `writer`'s segments."""
+    def _read_writer(self, writer: str) -> tuple[list[tuple[int, str, list[Location], dict[str, dict],
+                                                                  dict[str, str]]], list[Location]]:
+        """In a native thread: (seq, path, record headers, states, outcomes) of each of `writer`'s
+        segments, and the torn copies left out of them (drop_torn_copies)."""
         out = []
         for name, seq, path in list_segments(self.log_dir):
             if name == writer:
                 states, done = load_journal(journal_path(path), repair=True)
                 damage = lambda start, end, path=path: self._keep_damage(path, start, end)  # noqa: E731
                 out.append((seq, path, list(iter_records(path, on_damage=damage)), states, done))
-        drop_torn_copies([(path, locs) for _seq, path, locs, _states, _done in out])
-        return out
+        torn = drop_torn_copies([(path, locs) for _seq, path, locs, _states, _done in out])
+        return out, torn
 
     def _keep_damage(self, segment: str, start: int, end: int) -> None:
         """Bytes the scan skipped in the middle of a segment: a copy for a human, before the segment can go.

@@ -452,3 +452,46 @@ def test_the_highest_versioned_state_wins_wherever_it_was_journalled(tmp_path):
     finally:
         again.close()
     assert tool_view(base)[x][:2] == (5, "451 the latest")
+
+
+def test_a_torn_copy_never_outlives_the_whole_one_it_failed_to_replace(tmp_path):
+    """The torn copy's segment holds other queued mail, so it stays: the whole copy's
+    segment (with the message's done line) must wait for it, or at the next start
+    the torn copy would be the message's only copy, queued again."""
+    base = str(tmp_path / "spool")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    s = open_spool(base)
+    try:
+        ids = [accept(s, n) for n in range(30)]
+        x, y = ids[0], ids[-1]
+        for m in ids[1:-1]:
+            s.finish(s.entries[m], "delivered")
+        old = s.entries[x].loc.path
+        shutil.copy2(old, saved)
+        shutil.copy2(sp.journal_path(old), saved)
+        compact_all(s)
+        new = s.entries[x].loc
+        assert s.entries[y].loc.path == new.path  # y keeps the new segment alive
+        wait_until(lambda: not os.path.exists(old), "the old segment deleted")
+    finally:
+        s.close()
+    for name in os.listdir(saved):
+        shutil.copy2(saved / name, os.path.join(base, "log", name))
+    with open(new.path, "r+b") as f:
+        f.seek(new.offset + sp.HEADER.size + new.meta_len + 100)
+        f.write(b"\0" * 500)
+    again = open_spool(base)
+    try:
+        assert again.entries[x].loc.path == old
+        again.finish(again.entries[x], "delivered")
+        gevent.sleep(0.3)
+        assert os.path.exists(old), "the whole copy's segment went before the torn copy's"
+    finally:
+        again.close()
+    last = open_spool(base)
+    try:
+        assert x not in last.entries and y in last.entries
+    finally:
+        last.close()
+    assert x not in {m.msg_id for m in queuetool.read_queue(base)}
