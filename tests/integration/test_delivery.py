@@ -29,6 +29,7 @@ import pytest
 from tests.support.certs import make_certs
 from tests.support.dns import DnsServer
 from tests.support.proc import (
+    outcome,
     HOST,
     HOSTNAME,
     HedwigProcess,
@@ -96,21 +97,6 @@ def send(port: int, rcpts: list[str], data: bytes, sender: str = SENDER,
     finally:
         if own:
             c.close()
-
-
-def outcome(proc: HedwigProcess, msg_id: str, timeout: float = 10.0) -> str:
-    """Wait until the journal says `msg_id` left the queue; returns how (delivered, bounced...)."""
-    result: dict[str, str] = {}
-
-    def done() -> bool:
-        result.update(read_journal(proc.spool)[1])
-        return msg_id in result
-
-    try:
-        wait_until(done, timeout, interval=0.05, what=f"{msg_id} to leave the queue")
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n{proc.log_text()}") from None
-    return result[msg_id]
 
 
 def log_lines(proc: HedwigProcess, msg_id: str) -> list[str]:

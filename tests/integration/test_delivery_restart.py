@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from tests.support.proc import (
+    outcome,
     HOST,
     HedwigProcess,
     RawClient,
@@ -90,20 +91,6 @@ def wait_log(proc: HedwigProcess, pattern: str, timeout: float = 10.0) -> None:
                    interval=0.05, what=f"log line /{pattern}/")
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{proc.log_text()[-5000:]}") from None
-
-
-def outcome(proc: HedwigProcess, msg_id: str, timeout: float) -> str:
-    done: dict[str, str] = {}
-
-    def finished() -> bool:
-        done.update(read_journal(proc.spool)[1])
-        return msg_id in done
-
-    try:
-        wait_until(finished, timeout, interval=0.05, what=f"{msg_id} to leave the queue")
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n{proc.log_text()[-5000:]}") from None
-    return done[msg_id]
 
 
 @pytest.fixture

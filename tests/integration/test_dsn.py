@@ -25,6 +25,7 @@ import pytest
 
 from tests.support.conservation import metrics_conserved
 from tests.support.proc import (
+    outcome,
     HOST,
     HOSTNAME,
     HedwigProcess,
@@ -107,20 +108,6 @@ def submit(proc: HedwigProcess, sender: str, rcpts: list[str], *, login: bool, t
         msg_id = queued_id(c.expect(250).text)
         c.cmd("QUIT", 221)
     return msg_id
-
-
-def outcome(proc: HedwigProcess, msg_id: str, timeout: float = 10.0) -> str:
-    done: dict[str, str] = {}
-
-    def finished() -> bool:
-        done.update(read_journal(proc.spool)[1])
-        return msg_id in done
-
-    try:
-        wait_until(finished, timeout, interval=0.05, what=f"{msg_id} to leave the queue")
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n{proc.log_text()}") from None
-    return done[msg_id]
 
 
 def assert_bounced_kept(proc: HedwigProcess, msg_id: str, rcpt: str) -> None:

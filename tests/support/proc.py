@@ -691,3 +691,18 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.02, what: str
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")
         time.sleep(interval)
+
+
+def outcome(proc: HedwigProcess, msg_id: str, timeout: float = 10.0) -> str:
+    """Wait until the journal says `msg_id` left the queue; returns how (delivered, bounced...)."""
+    result: dict[str, str] = {}
+
+    def done() -> bool:
+        result.update(read_journal(proc.spool)[1])
+        return msg_id in result
+
+    try:
+        wait_until(done, timeout, interval=0.05, what=f"{msg_id} to leave the queue")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{proc.log_text()[-5000:]}") from None
+    return result[msg_id]
