@@ -79,6 +79,20 @@ def compact_all(s: Spool) -> int:
     return rounds
 
 
+def restore(saved, path: str) -> None:
+    """Put a segment and its journal back as `saved` holds them: a deletion a crash undid."""
+    for name in (os.path.basename(path), os.path.basename(sp.journal_path(path))):
+        if (saved / name).exists():
+            shutil.copy2(saved / name, os.path.join(os.path.dirname(path), name))
+
+
+def tear_body(loc: sp.Location) -> None:
+    """Zeros over a page of a copy's body: its header reached the disk, that page did not."""
+    with open(loc.path, "r+b") as f:
+        f.seek(loc.offset + sp.HEADER.size + loc.meta_len + 100)
+        f.write(b"\0" * 500)
+
+
 def state(entry: sp.QueueEntry) -> tuple:
     return entry.attempts, entry.due, entry.pending, entry.bounced, entry.last_error
 
@@ -164,9 +178,7 @@ def test_crash_after_the_copies_before_the_old_segments_went(tmp_path):
     finally:
         s.close()
     for path in old:  # as if the process died before deleting them
-        for name in (os.path.basename(path), os.path.basename(sp.journal_path(path))):
-            if (saved / name).exists():
-                shutil.copy2(saved / name, os.path.join(base, "log", name))
+        restore(saved, path)
     assert any(os.path.exists(p) for p in old)
     assert queued_ids(base) == set(kept) - {finished}
     view = tool_view(base)
@@ -202,9 +214,7 @@ def test_a_done_line_in_the_old_journal_alone_still_ends_the_message(tmp_path):
         assert s.entries[victim].loc.path != old_path
     finally:
         s.close()
-    name = os.path.basename(old_path)
-    shutil.copy2(saved / name, old_path)
-    shutil.copy2(saved / (name[:-4] + ".state"), sp.journal_path(old_path))
+    restore(saved, old_path)
     with open(sp.journal_path(old_path), "ab") as f:
         f.write(b'{"id":"%s","done":"delivered"}\n' % victim.encode())
     assert victim not in tool_view(base) and victim not in queued_ids(base)
@@ -241,8 +251,7 @@ def test_a_copy_torn_by_a_crash_leaves_the_old_copy_and_its_journal_in_charge(tm
         f.write(b'{"id":"%s","s":{"attempts":1,"due":5.0,"pending":null,"bounced":[],"error":"stale"}}\n'
                 % newest.encode())
     os.truncate(victim.loc.path, victim.loc.offset + 60)  # its copy torn
-    shutil.copy2(saved / old_name, old_path)
-    shutil.copy2(saved / (old_name[:-4] + ".state"), sp.journal_path(old_path))
+    restore(saved, old_path)
     again = open_spool(base)
     try:
         entry = again.entries[newest]
@@ -408,10 +417,8 @@ def test_a_copy_whose_body_did_not_reach_the_disk_never_shadows_the_whole_one(tm
         wait_until(lambda: not os.path.exists(old), "the old segment deleted")
     finally:
         s.close()
-    shutil.copy2(saved / os.path.basename(old), old)  # the deletion never reached the disk either
-    with open(new.path, "r+b") as f:  # a page of the copy's body: zeros
-        f.seek(new.offset + sp.HEADER.size + new.meta_len + 100)
-        f.write(b"\0" * 500)
+    restore(saved, old)  # the deletion never reached the disk either
+    tear_body(new)
     again = open_spool(base)
     try:
         assert again.entries[x].loc.path == old
@@ -476,11 +483,8 @@ def test_a_torn_copy_never_outlives_the_whole_one_it_failed_to_replace(tmp_path)
         wait_until(lambda: not os.path.exists(old), "the old segment deleted")
     finally:
         s.close()
-    for name in os.listdir(saved):
-        shutil.copy2(saved / name, os.path.join(base, "log", name))
-    with open(new.path, "r+b") as f:
-        f.seek(new.offset + sp.HEADER.size + new.meta_len + 100)
-        f.write(b"\0" * 500)
+    restore(saved, old)
+    tear_body(new)
     again = open_spool(base)
     try:
         assert again.entries[x].loc.path == old
