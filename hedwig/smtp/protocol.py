@@ -43,7 +43,7 @@ from typing import ClassVar
 from . import auth as A
 from . import replies as R
 from .address import MailParams, ProtocolError, parse_mail, parse_rcpt
-from .replies import Reply, multiline
+from .replies import Reply
 
 CRLF = b"\r\n"
 MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF
@@ -381,7 +381,7 @@ class ServerProtocol:
         self.extended = extended
         host = self.limits.hostname
         if not extended:
-            self._out.append(Reply(250, "", host).to_bytes())
+            self._out.append(_helo_reply(host))
             return event
         auth = tuple(self.auth_mechanisms) if self.auth_offered else ()
         self._out.append(_ehlo_reply(host, self.limits.max_message_size, self.starttls_offered, auth))
@@ -580,7 +580,7 @@ class ServerProtocol:
         return b"" if self._data_error else body
 
 
-# The greeting and EHLO replies depend on a few settings only: built once each.
+# The greeting, HELO and EHLO replies depend on a few settings only: built once each.
 
 @functools.lru_cache(maxsize=64)
 def _greeting(hostname: str) -> bytes:
@@ -594,4 +594,9 @@ def _ehlo_reply(hostname: str, max_size: int, starttls: bool, auth: tuple[str, .
         lines.append("STARTTLS")
     if auth:
         lines.append("AUTH " + " ".join(auth))
-    return multiline(250, lines)
+    return Reply(250, "", "\n".join(lines)).to_bytes()
+
+
+@functools.lru_cache(maxsize=64)
+def _helo_reply(hostname: str) -> bytes:
+    return Reply(250, "", hostname).to_bytes()

@@ -41,12 +41,6 @@ class Reply:
         return self._wire
 
 
-def multiline(code: int, lines: list[str]) -> bytes:
-    """An unenhanced multi-line reply, as EHLO sends it."""
-    head = [f"{code}-{line}\r\n" for line in lines[:-1]]
-    return ("".join(head) + f"{code} {lines[-1]}\r\n").encode("ascii")
-
-
 R221_BYE = Reply(221, "2.0.0", "Bye")
 R250_OK = Reply(250, "2.0.0", "OK")
 R250_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
