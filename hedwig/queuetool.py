@@ -147,29 +147,28 @@ def _read_writer(paths: list[str], details: bool, only: str | None) -> Iterator[
     # records are gone too, rather than showing as queued with no done lines.
     journals = [load_journal(journal_path(path)) for path in paths]
     done = {msg_id: outcome for _states, outcomes in journals for msg_id, outcome in outcomes.items()}
-    newest: dict[str, tuple[int, Location]] = {}
-    fds: dict[str, int] = {}
     states = latest_states([journalled for journalled, _done in journals])
-    try:
-        segments: list[tuple[str, list[Location]]] = []
-        for path in paths:
+    segments = [(path, [loc for loc in iter_records(path)  # a segment gone meanwhile yields nothing
+                        if loc.kind == MESSAGE and (only is None or loc.msg_id == only)]) for path in paths]
+    drop_torn_copies(segments)
+    newest = {loc.msg_id: loc for _path, locs in segments for loc in locs}  # oldest first: the last wins
+    queued: dict[str, list[Location]] = {}  # segment -> its queued copies, so each is opened once
+    for msg_id, loc in newest.items():
+        if msg_id not in done:
+            queued.setdefault(loc.path, []).append(loc)
+    for path, locs in queued.items():
+        fd = -1
+        if details:
             try:
-                fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                continue
-            segments.append((path, [loc for loc in iter_records(path)
-                                    if loc.kind == MESSAGE and (only is None or loc.msg_id == only)]))
-        drop_torn_copies(segments)
-        for i, (_path, locs) in enumerate(segments):
+                pass  # reclaimed since the scan: shown without its envelope
+        try:
             for loc in locs:
-                newest[loc.msg_id] = (i, loc)
-        for msg_id, (_i, loc) in newest.items():
-            if msg_id in done:
-                continue
-            yield _queued(loc, states.get(msg_id), _read_envelope(fds[loc.path], loc) if details else None)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+                yield _queued(loc, states.get(loc.msg_id), _read_envelope(fd, loc) if fd >= 0 else None)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 def _read_envelope(fd: int, loc: Location) -> Envelope | None:
